@@ -1,0 +1,1 @@
+"""Speed comparisons of the fused ops against eager PyTorch: `python -m bench --help`."""

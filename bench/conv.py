@@ -1,0 +1,81 @@
+"""Op level: fused conv + BN (+ add) (+ ReLU) per backend against the eager chain and cuDNN alone."""
+import torch
+import torch.nn.functional as F
+
+import resnet_fused as rf
+from resnet_fused import reference
+from resnet_fused.testing import parity
+
+from .shapes import ConvShape
+from .timing import measure
+
+
+class ConvProblem:
+    """Inputs of one conv shape: NHWC activations, an eval-mode BN, its folded weights, the residual."""
+
+    def __init__(self, shape: ConvShape, batch: int, size: int, dtype: torch.dtype, device: torch.device):
+        self.shape, self.size = shape, size
+        make = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
+        self.x = make(batch, shape.c_in, size, size).contiguous(memory_format=torch.channels_last)
+        self.weight = (make(shape.c_out, shape.c_in, shape.kernel, shape.kernel) * (shape.c_in * shape.kernel**2) ** -0.5
+                       ).contiguous(memory_format=torch.channels_last)
+        self.bn = torch.nn.BatchNorm2d(shape.c_out).to(device).eval()
+        with torch.no_grad():
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.normal_()
+            self.bn.running_mean.normal_(0, 0.1)
+            self.bn.running_var.uniform_(0.5, 1.5)
+        self.bn.to(dtype)
+        out = shape.output_size(size)
+        self.residual = (make(batch, shape.c_out, out, out).contiguous(memory_format=torch.channels_last)
+                         if shape.epilogue == "add_relu" else None)
+        self.relu = shape.epilogue != "none"
+        self.folded_weight, self.folded_bias = rf.fold_bn(self.weight, None, self.bn)
+
+    def eager(self):
+        """The chain eager PyTorch runs: cuDNN conv, BN, add, ReLU, each its own kernel."""
+        y = self.bn(F.conv2d(self.x, self.weight, None, self.shape.stride, self.shape.padding))
+        if self.residual is not None:
+            y = y + self.residual
+        return F.relu(y) if self.relu else y
+
+    def conv_alone(self):
+        return F.conv2d(self.x, self.folded_weight, None, self.shape.stride, self.shape.padding)
+
+    def fused(self, backend: str):
+        return lambda: rf.conv_bn_act(self.x, self.folded_weight, self.folded_bias, self.residual,
+                                      stride=self.shape.stride, padding=self.shape.padding, relu=self.relu,
+                                      backend=backend)
+
+    def oracle(self):
+        """The folded op in float64: what every candidate is checked against."""
+        to64 = lambda t: None if t is None else t.double()  # noqa: E731
+        return reference.conv_bn_act(to64(self.x), to64(self.folded_weight), to64(self.folded_bias),
+                                     to64(self.residual), self.shape.stride, self.shape.padding, relu=self.relu)
+
+
+def run_shape(shape: ConvShape, batch: int, size: int, dtype: torch.dtype, device: torch.device,
+              backends: list[str], min_run_time: float) -> list[dict]:
+    """One row per provider: eager chain, cuDNN conv alone, and the fused op per backend. A fused output
+    that fails the parity check against float64 is recorded as wrong and never timed."""
+    problem = ConvProblem(shape, batch, size, dtype, device)
+    flops = shape.flops(batch, size)
+    common = {"op": "conv_bn_act", "shape": shape.name, "batch": batch, "size": size, "dtype": str(dtype)[6:],
+              "c_in": shape.c_in, "c_out": shape.c_out, "kernel": shape.kernel, "stride": shape.stride,
+              "epilogue": shape.epilogue, "flops": flops}
+    with torch.no_grad():
+        eager_out, oracle = problem.eager(), problem.oracle()
+        candidates = [("eager", problem.eager), ("conv_alone", problem.conv_alone)]
+        candidates += [(f"fused:{name}", problem.fused(name)) for name in backends]
+        rows = []
+        for provider, fn in candidates:
+            row = {**common, "provider": provider}
+            if provider.startswith("fused:"):
+                check = parity(fn(), eager_out, oracle)
+                row["parity"] = str(check)
+                if not check.ok:
+                    rows.append({**row, "status": "wrong"})
+                    continue
+            timing = measure(fn, device, min_run_time)
+            rows.append({**row, "status": "ok", **timing, "tflops": flops / timing["median_ms"] / 1e9})
+    return rows

@@ -1,0 +1,29 @@
+// CPU kernels of the resnet_fused ops; registered in register_cpu.cpp.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+namespace resnet_fused::cpu {
+
+at::Tensor conv_bn_act(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool relu);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const std::optional<at::Tensor>& residual, const at::Tensor& running_mean,
+    const at::Tensor& running_var, bool training, double momentum, double eps, bool relu);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
+    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& save_mean, const at::Tensor& save_invstd,
+    bool training, bool relu);
+
+at::Tensor add_act(const at::Tensor& x, const at::Tensor& residual, bool relu);
+
+}  // namespace resnet_fused::cpu

@@ -1,0 +1,11 @@
+// The CPU backend's kernels for every resnet_fused op.
+#include <torch/library.h>
+
+#include "kernels.h"
+
+TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
+  m.impl("conv_bn_act", &resnet_fused::cpu::conv_bn_act);
+  m.impl("bn_act", &resnet_fused::cpu::bn_act);
+  m.impl("bn_act_backward", &resnet_fused::cpu::bn_act_backward);
+  m.impl("add_act", &resnet_fused::cpu::add_act);
+}

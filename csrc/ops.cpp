@@ -1,0 +1,27 @@
+// Every schema of the resnet_fused namespace, defined once. Backends register their kernels in their
+// own files with TORCH_LIBRARY_IMPL (cpu/*.cpp, cuda/register_cuda.cpp); the fake kernels and the
+// autograd formulas live in Python (resnet_fused/ops/).
+#include <torch/library.h>
+
+TORCH_LIBRARY(resnet_fused, m) {
+  // out = act(conv2d(x, weight) + bias[c] + residual); bias is usually a folded BatchNorm.
+  m.def(
+      "conv_bn_act(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
+  // out = act(batch_norm(x) + residual). Functional: the updated running statistics are returned
+  // (as aten::_native_batch_norm_legit_functional does) and copied into the buffers by the caller,
+  // so the op can carry an autograd formula and be traced by torch.compile.
+  // Returns (out, save_mean, save_invstd, new_running_mean, new_running_var).
+  m.def(
+      "bn_act(Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor running_mean, "
+      "Tensor running_var, bool training, float momentum, float eps, bool relu) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradient of bn_act. `out` supplies the ReLU mask (out > 0), so the pre-activation is never
+  // saved. Returns (grad_x, grad_weight, grad_bias, grad_pre_act); grad_pre_act is also the
+  // residual's gradient.
+  m.def(
+      "bn_act_backward(Tensor grad_out, Tensor out, Tensor x, Tensor weight, Tensor save_mean, "
+      "Tensor save_invstd, bool training, bool relu) -> (Tensor, Tensor, Tensor, Tensor)");
+  // out = act(x + residual)
+  m.def("add_act(Tensor x, Tensor residual, bool relu) -> Tensor");
+}

@@ -1,0 +1,7 @@
+"""The public ops: argument checks, backend choice, fake kernels and autograd."""
+from .add_act import add_act
+from .bn_act import bn_act
+from .conv_bn_act import conv_bn_act
+from .fold_bn import fold_bn
+
+__all__ = ["add_act", "bn_act", "conv_bn_act", "fold_bn"]

@@ -1,0 +1,145 @@
+"""rf.bn_act: batch norm + optional residual add + optional ReLU, training and eval."""
+import torch
+
+from .. import reference
+from .._library import library_loaded
+from ..backends import resolve_backend
+from ._checks import check_same_device, check_same_dtype, check_shape, check_tensor
+from ._layout import dense, empty_output, output_memory_format
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _param_dtype(x, params: dict) -> torch.dtype:
+    """The dtype shared by weight, bias and the running statistics: x's, or float32 for a float16/bfloat16
+    x, as PyTorch's batch norm accepts under autocast."""
+    given = {name: t.dtype for name, t in params.items() if t is not None}
+    if len(set(given.values())) > 1:
+        raise TypeError(f"weight, bias, running_mean and running_var must share one dtype, got {given}")
+    dtype = next(iter(given.values()), x.dtype if x.dtype not in _LOW_PRECISION else torch.float32)
+    if dtype != x.dtype and not (x.dtype in _LOW_PRECISION and dtype == torch.float32):
+        raise TypeError(
+            f"the BN parameters have dtype {dtype} but x has {x.dtype}; they must match, or be float32 "
+            f"for a float16/bfloat16 x"
+        )
+    return dtype
+
+
+def bn_act(x, weight, bias, running_mean, running_var, residual=None, *, training, momentum=0.1, eps=1e-5,
+           relu=True, backend=None):
+    """act(batch_norm(x) + residual), in one op.
+
+    training=True normalizes with the batch statistics and updates running_mean/running_var in place
+    exactly as F.batch_norm does (momentum, unbiased variance); training=False uses the running
+    statistics. weight/bias may be None (no affine); running statistics may be None in training only.
+    Differentiable with respect to x, weight, bias and residual.
+    """
+    check_tensor(x, "x", 4)
+    channels = x.shape[1]
+    params = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
+    for name, t in params.items():
+        if t is not None:
+            check_tensor(t, name, 1)
+            check_shape(t, name, (channels,))
+    if residual is not None:
+        check_tensor(residual, "residual", 4)
+        check_shape(residual, "residual", x.shape)
+    check_same_dtype(x, "x", residual=residual)
+    param_dtype = _param_dtype(x, params)
+    check_same_device(x, "x", residual=residual, **params)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {training!r}")
+    if momentum is None:
+        raise ValueError(
+            "momentum=None (a cumulative moving average) needs the batch count: pass "
+            "momentum=1/num_batches_tracked, as nn.BatchNorm2d does"
+        )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if not training and running_mean is None:
+        raise ValueError("eval mode (training=False) needs running_mean and running_var")
+    if training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+
+    name = resolve_backend("bn_act", backend, x.device)
+    x = dense(x)
+    residual = dense(residual) if residual is not None else None
+    if name == "reference":
+        out = reference.bn_act(x, weight, bias, running_mean, running_var, residual, training=training,
+                               momentum=momentum, eps=eps, relu=relu)
+        return out.contiguous(memory_format=output_memory_format(x))
+
+    def param(t, fill):
+        return t if t is not None else torch.full((channels,), fill, dtype=param_dtype, device=x.device)
+
+    op = torch.ops.resnet_fused.bn_act_triton if name == "triton" else torch.ops.resnet_fused.bn_act
+    out, _, _, new_mean, new_var = op(
+        x, param(weight, 1.0), param(bias, 0.0), residual, param(running_mean, 0.0), param(running_var, 1.0),
+        training, float(momentum), float(eps), relu,
+    )
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return out
+
+
+def _fake(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu):
+    stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+    channels = x.shape[1]
+    return (
+        empty_output(x, x.shape),
+        x.new_empty((channels,), dtype=stats),
+        x.new_empty((channels,), dtype=stats),
+        torch.empty_like(running_mean),
+        torch.empty_like(running_var),
+    )
+
+
+def _fake_backward(grad_out, out, x, weight, save_mean, save_invstd, training, relu):
+    return (
+        empty_output(x, x.shape),
+        torch.empty_like(weight),
+        torch.empty_like(weight),
+        empty_output(x, x.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu = inputs
+    out, save_mean, save_invstd, _, _ = output
+    ctx.save_for_backward(x, weight, save_mean, save_invstd, out)
+    ctx.training, ctx.relu = training, relu
+
+
+def _backward(ctx, grad_out, *unused_grads):
+    x, weight, save_mean, save_invstd, out = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias, grad_pre = torch.ops.resnet_fused.bn_act_backward(
+        grad_out, out, x, weight, save_mean, save_invstd, ctx.training, ctx.relu
+    )
+    need_x, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
+    return (
+        grad_x if need_x else None,
+        grad_weight if need_weight else None,
+        grad_bias if need_bias else None,
+        grad_pre if need_residual else None,
+        None, None, None, None, None, None,
+    )
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("bn_act: double backward (a gradient of the gradient) is not supported")
+
+
+def register_formulas(qualname: str) -> None:
+    """Fake kernel and autograd for a bn_act op (the C++ one or a backend's custom op)."""
+    torch.library.register_fake(qualname)(_fake)
+    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+
+
+if library_loaded("_C"):
+    register_formulas("resnet_fused::bn_act")
+    torch.library.register_fake("resnet_fused::bn_act_backward")(_fake_backward)
+    torch.library.register_autograd(
+        "resnet_fused::bn_act_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    )

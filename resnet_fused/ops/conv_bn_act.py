@@ -1,0 +1,120 @@
+"""rf.conv_bn_act: conv2d + per-channel bias (a folded BatchNorm) + optional residual + optional ReLU."""
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from .._library import library_loaded
+from ..backends import resolve_backend
+from ._checks import check_same_device, check_same_dtype, check_shape, check_tensor, pair
+from ._layout import dense, empty_output, output_memory_format
+
+
+def _resolve_padding(x, padding, weight, stride, dilation):
+    """(x, symmetric padding pair) for an int, a pair, 'valid' or 'same'. 'same' with an odd total
+    padding pads x by one more row/column at the end, as F.conv2d does."""
+    if not isinstance(padding, str):
+        return x, pair(padding, "padding", 0)
+    if padding == "valid":
+        return x, (0, 0)
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    if stride != (1, 1):
+        raise ValueError(f"padding='same' needs stride 1, got stride {stride}")
+    totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    extra = [t % 2 for t in totals]
+    if any(extra):
+        fmt = output_memory_format(x)
+        x = F.pad(x, [0, extra[1], 0, extra[0]]).contiguous(memory_format=fmt)
+    return x, (totals[0] // 2, totals[1] // 2)
+
+
+def conv_output_shape(x, weight, stride, padding, dilation) -> tuple[int, int, int, int]:
+    (kh, kw), (h, w) = weight.shape[2:], x.shape[2:]
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.shape[0], weight.shape[0], ho, wo
+
+
+def conv_bn_act(x, weight, bias=None, residual=None, *, stride=1, padding=0, dilation=1, groups=1, relu=True,
+                backend=None):
+    """act(conv2d(x, weight, stride, padding, dilation, groups) + bias[c] + residual) in one op.
+
+    `bias` is usually a folded BatchNorm (see `fold_bn`); `residual` has the output's shape; `relu`
+    switches the ReLU. NCHW and channels_last inputs; the output follows the input's memory format.
+    `backend` picks the implementation (see `available_backends`); None picks the default for the device.
+    """
+    check_tensor(x, "x", 4)
+    check_tensor(weight, "weight", 4)
+    if bias is not None:
+        check_tensor(bias, "bias", 1)
+    if residual is not None:
+        check_tensor(residual, "residual", 4)
+    check_same_dtype(x, "x", weight=weight, bias=bias, residual=residual)
+    check_same_device(x, "x", weight=weight, bias=bias, residual=residual)
+    stride, dilation = pair(stride, "stride", 1), pair(dilation, "dilation", 1)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    c_in, (c_out, c_per_group) = x.shape[1], weight.shape[:2]
+    if c_in != c_per_group * groups:
+        raise ValueError(
+            f"x has {c_in} channels, but weight of shape {tuple(weight.shape)} with groups={groups} "
+            f"expects {c_per_group * groups}"
+        )
+    if c_out % groups:
+        raise ValueError(f"weight has {c_out} output channels, not divisible by groups={groups}")
+    x, padding = _resolve_padding(x, padding, weight, stride, dilation)
+    out_shape = conv_output_shape(x, weight, stride, padding, dilation)
+    if out_shape[2] < 1 or out_shape[3] < 1:
+        raise ValueError(
+            f"input of spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than the "
+            f"kernel {tuple(weight.shape[2:])} with dilation {dilation}"
+        )
+    check_shape(bias, "bias", (c_out,))
+    check_shape(residual, "residual", out_shape)
+
+    name = resolve_backend("conv_bn_act", backend, x.device)
+    x = dense(x)
+    if name == "reference":
+        out = reference.conv_bn_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+        return out.contiguous(memory_format=output_memory_format(x))
+    op = torch.ops.resnet_fused.conv_bn_act_triton if name == "triton" else torch.ops.resnet_fused.conv_bn_act
+    return op(x, weight, bias, residual, list(stride), list(padding), list(dilation), groups, relu)
+
+
+def _fake(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+    return empty_output(x, conv_output_shape(x, weight, stride, padding, dilation))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, stride, padding, dilation, groups, relu = inputs
+    ctx.save_for_backward(x, weight, output if relu else None)
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.relu = relu
+
+
+def _backward(ctx, grad):
+    # The epilogue's gradient, then PyTorch's own convolution backward.
+    x, weight, out = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    grad_pre = torch.ops.aten.threshold_backward(grad, out, 0) if ctx.relu else grad
+    need_x, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
+    grad_x = grad_weight = grad_bias = None
+    if need_x or need_weight:
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_pre, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [need_x, need_weight, False],
+        )
+    if need_bias:
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        grad_bias = grad_pre.sum((0, 2, 3), dtype=acc).to(grad.dtype)
+    return grad_x, grad_weight, grad_bias, grad_pre if need_residual else None, None, None, None, None, None
+
+
+def register_formulas(qualname: str) -> None:
+    """Fake kernel and autograd for a conv_bn_act op (the C++ one or a backend's custom op)."""
+    torch.library.register_fake(qualname)(_fake)
+    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+
+
+if library_loaded("_C"):
+    register_formulas("resnet_fused::conv_bn_act")

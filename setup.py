@@ -1,0 +1,106 @@
+"""Builds resnet_fused: the CPU C++ extension always, the CUDA extension when torch has CUDA and a
+toolkit is found. Build against the installed torch: ``pip install --no-build-isolation .``.
+
+Environment knobs:
+  RESNET_FUSED_CPU_ONLY=1         skip the CUDA extension even when a toolkit is present
+  RESNET_FUSED_CUDA_ARCHS=80;90a  GPU architectures to compile for (default: sm_80 and sm_90a)
+  MAX_JOBS=N                      parallel compile jobs (read by torch's ninja build)
+"""
+import json
+import os
+from pathlib import Path
+
+# torch.utils.cpp_extension fixes CUDA_HOME when it is imported. Where nvcc on the PATH is a wrapper
+# script (not a symlink into the toolkit), torch infers /usr/local and the link fails with
+# "cannot find -lcudart"; the standard toolkit location is the better guess.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+ROOT = Path(__file__).parent.resolve()
+DEFAULT_CUDA_ARCHS = "80;90a"
+
+
+def cuda_skip_reason():
+    if os.environ.get("RESNET_FUSED_CPU_ONLY") == "1":
+        return "RESNET_FUSED_CPU_ONLY=1"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
+    return None
+
+
+def gencode_flags(archs):
+    flags = []
+    for arch in archs:
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    return flags
+
+
+def sources(pattern):
+    return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
+
+
+def extensions(cuda_archs, skip_reason):
+    cxx_flags = ["-O3", "-fopenmp"]  # at::parallel_for needs OpenMP to run in parallel
+    exts = [
+        CppExtension(
+            "resnet_fused._C",
+            ["csrc/ops.cpp", *sources("csrc/cpu/*.cpp")],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+            py_limited_api=True,
+        )
+    ]
+    if skip_reason is None:
+        exts.append(
+            CUDAExtension(
+                "resnet_fused._C_cuda",
+                [*sources("csrc/cuda/*.cpp"), *sources("csrc/cuda/**/*.cu")],
+                extra_compile_args={
+                    "cxx": ["-O3"],
+                    # -DNDEBUG: without it ptxas serializes wgmma (ENV.md, warning C7510).
+                    "nvcc": ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr", *gencode_flags(cuda_archs)],
+                },
+                py_limited_api=True,
+            )
+        )
+    return exts
+
+
+def write_build_config(cuda_archs, skip_reason):
+    """Records what the libraries were built against; resnet_fused._library checks it before loading."""
+    config = {
+        "torch_version": torch.__version__,
+        "torch_cuda_version": torch.version.cuda,
+        "cuda_compiled": skip_reason is None,
+        "cuda_skip_reason": skip_reason,
+        "cuda_archs": cuda_archs if skip_reason is None else [],
+    }
+    (ROOT / "resnet_fused" / "_build_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+skip_reason = cuda_skip_reason()
+cuda_archs = [a for a in os.environ.get("RESNET_FUSED_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).split(";") if a]
+if skip_reason:
+    print(f"resnet_fused: skipping the CUDA extension: {skip_reason}")
+else:
+    print(f"resnet_fused: building the CUDA extension with {CUDA_HOME} for sm_{', sm_'.join(cuda_archs)}")
+write_build_config(cuda_archs, skip_reason)
+
+setup(
+    name="resnet_fused",
+    version="0.1.0",
+    description="Fused conv + BN + residual + ReLU kernels (CUDA C++, Triton, CPU) for ResNets",
+    packages=find_packages(include=["resnet_fused", "resnet_fused.*"]),
+    package_data={"resnet_fused": ["_build_config.json"]},
+    python_requires=">=3.10",
+    ext_modules=extensions(cuda_archs, skip_reason),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)

@@ -1,0 +1,165 @@
+import pytest
+import torch
+from samples import BN_CASES, MEMORY_FORMATS, BNCase, assert_parity, backends_for, bn_sample, skip_unless_runs, to_float64
+
+import resnet_fused as rf
+from resnet_fused import reference
+
+BACKENDS = ["reference", "cpu", "cuda", "triton"]
+CASE_IDS = [c.name for c in BN_CASES]
+# (x dtype, parameter dtype): same dtype, and fp32 parameters with a low-precision x as under autocast.
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+]
+DTYPE_IDS = [f"{str(x)[6:]}-{str(p)[6:]}" for x, p in DTYPES]
+
+
+def call(fn, sample, case, training, **kwargs):
+    x, weight, bias, running_mean, running_var, residual = sample
+    return fn(x, weight, bias, running_mean, running_var, residual, training=training, relu=case.relu, **kwargs)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BN_CASES, ids=CASE_IDS)
+def test_forward_parity(case, backend, dtypes, memory_format, training, device):
+    dtype, param_dtype = dtypes
+    skip_unless_runs("bn_act", backend, device, dtype)
+    if training and case.shape[0] * case.shape[2] * case.shape[3] == 1:
+        pytest.skip("one value per channel cannot train")
+    sample = bn_sample(case, dtype, device, memory_format, param_dtype=param_dtype)
+    same_dtype, oracle = [t.clone() if t is not None else None for t in sample], to_float64(sample)
+
+    out = call(rf.bn_act, sample, case, training, backend=backend)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=MEMORY_FORMATS[memory_format])
+    assert_parity(out, call(reference.bn_act, same_dtype, case, training), call(reference.bn_act, oracle, case, training))
+    for i, name in ((3, "running_mean"), (4, "running_var")):
+        assert sample[i].dtype == param_dtype
+        assert_parity(sample[i], same_dtype[i], oracle[i], what=name)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BN_CASES, ids=CASE_IDS)
+def test_gradient_parity(case, backend, memory_format, training, device):
+    skip_unless_runs("bn_act", backend, device, torch.float32)
+    if training and case.shape[0] * case.shape[2] * case.shape[3] == 1:
+        pytest.skip("one value per channel cannot train")
+    sample = bn_sample(case, torch.float32, device, memory_format, requires_grad=True)
+    oracle_sample = to_float64(sample)
+    inputs = [t for t in sample if t is not None and t.requires_grad]
+    oracle_inputs = [t for t in oracle_sample if t is not None and t.requires_grad]
+    grad_out = torch.randn(case.shape, dtype=torch.float64, device=device)
+
+    def grads(fn, s, ins, g):
+        return torch.autograd.grad(call(fn, s, case, training), ins, g)
+
+    actual = grads(lambda *a, **k: rf.bn_act(*a, **k, backend=backend), sample, inputs, grad_out.float())
+    same_dtype = grads(reference.bn_act, sample, inputs, grad_out.float())
+    oracle = grads(reference.bn_act, oracle_sample, oracle_inputs, grad_out)
+    for name, a, t, o in zip(["x", "weight", "bias", "residual"], actual, same_dtype, oracle):
+        assert_parity(a, t, o, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("case", [c for c in BN_CASES if c.shape[0] > 0], ids=lambda c: c.name)
+def test_gradcheck_float64(case, backend, training):
+    skip_unless_runs("bn_act", backend, "cpu", torch.float64)
+    if training and case.shape[0] * case.shape[2] * case.shape[3] == 1:
+        pytest.skip("one value per channel cannot train")
+    x, weight, bias, running_mean, running_var, residual = bn_sample(case, torch.float64, requires_grad=True)
+
+    def fn(x, weight, bias, residual):
+        return rf.bn_act(x, weight, bias, running_mean.clone(), running_var.clone(), residual, training=training,
+                         relu=case.relu, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias, residual))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+@pytest.mark.parametrize("case", BN_CASES, ids=CASE_IDS)
+def test_opcheck(case, memory_format, training, requires_grad, device):
+    if "cpu" not in backends_for("bn_act", "cpu"):
+        pytest.skip("the C++ library is not loaded")
+    if training and case.shape[0] * case.shape[2] * case.shape[3] == 1:
+        pytest.skip("one value per channel cannot train")
+    x, weight, bias, running_mean, running_var, residual = bn_sample(case, torch.float32, device, memory_format, requires_grad)
+    args = (x, weight, bias, residual, running_mean, running_var, training, 0.1, 1e-5, case.relu)
+    torch.library.opcheck(torch.ops.resnet_fused.bn_act.default, args)
+    out, save_mean, save_invstd, _, _ = (t.detach() for t in torch.ops.resnet_fused.bn_act(*args))
+    torch.library.opcheck(
+        torch.ops.resnet_fused.bn_act_backward.default,
+        (torch.randn_like(out), out, x.detach(), weight.detach(), save_mean, save_invstd, training, case.relu),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_updates_running_stats(backend, device):
+    skip_unless_runs("bn_act", backend, device, torch.float32)
+    case = BN_CASES[0]
+    x, weight, bias, running_mean, running_var, residual = bn_sample(case, torch.float32, device, "nhwc", requires_grad=True)
+    eager_mean, eager_var = running_mean.clone(), running_var.clone()
+
+    def block(x, weight, bias, mean, var, residual):
+        return rf.bn_act(x, weight, bias, mean, var, residual, training=True, backend=backend)
+
+    out = torch.compile(block, fullgraph=True, backend="aot_eager")(x, weight, bias, running_mean, running_var, residual)
+    expected = block(x, weight, bias, eager_mean, eager_var, residual)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(running_mean, eager_mean)
+    torch.testing.assert_close(running_var, eager_var)
+    inputs = (x, weight, bias, residual)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), inputs), torch.autograd.grad(expected.sum(), inputs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optional_affine_and_running_stats(backend, device):
+    skip_unless_runs("bn_act", backend, device, torch.float32)
+    x = torch.randn(3, 4, 5, 5, device=device)
+    out = rf.bn_act(x, None, None, None, None, training=True, relu=False, backend=backend)
+    torch.testing.assert_close(out, torch.nn.functional.batch_norm(x, None, None, training=True))
+
+
+def test_training_with_one_value_per_channel_raises_like_pytorch():
+    x, weight, bias, running_mean, running_var, _ = bn_sample(BNCase("one", (1, 3, 1, 1)))
+    for backend in backends_for("bn_act", "cpu"):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+            rf.bn_act(x, weight, bias, running_mean, running_var, training=True, backend=backend)
+
+
+BAD_INPUTS = [
+    ("3-d x", lambda a: a.update(x=a["x"][0]), ValueError, "x must be 4-D"),
+    ("weight channels", lambda a: a.update(weight=a["weight"][:3]), ValueError, r"weight must have shape \(8,\)"),
+    ("running_var channels", lambda a: a.update(running_var=torch.ones(9)), ValueError, r"running_var must have shape \(8,\)"),
+    ("residual shape", lambda a: a.update(residual=a["residual"][:, :4]), ValueError, "residual must have shape"),
+    ("residual dtype", lambda a: a.update(residual=a["residual"].double()), TypeError, "residual has dtype torch.float64"),
+    ("parameter dtypes differ", lambda a: a.update(bias=a["bias"].double()), TypeError, "must share one dtype"),
+    ("float64 parameters, float32 x", lambda a: a.update(**{k: a[k].double() for k in ("weight", "bias", "running_mean", "running_var")}),
+     TypeError, "the BN parameters have dtype torch.float64 but x has torch.float32"),
+    ("mixed devices", lambda a: a.update(weight=a["weight"].to("meta")), RuntimeError, "weight is on meta"),
+    ("momentum None", lambda a: a.update(momentum=None), ValueError, "momentum=None"),
+    ("eval without running stats", lambda a: a.update(training=False, running_mean=None, running_var=None), ValueError, "eval mode"),
+    ("one running stat", lambda a: a.update(running_var=None), ValueError, "must be given together"),
+    ("training not a bool", lambda a: a.update(training=1), TypeError, "training must be a bool"),
+    ("unknown backend", lambda a: a.update(backend="fast"), ValueError, "unknown backend 'fast'"),
+]
+
+
+@pytest.mark.parametrize("change,error,message", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input(change, error, message):
+    x, weight, bias, running_mean, running_var, residual = bn_sample(BNCase("bad", (2, 8, 3, 3)))
+    call_args = dict(x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+                     residual=residual, training=True)
+    change(call_args)
+    with pytest.raises(error, match=message):
+        rf.bn_act(**call_args)

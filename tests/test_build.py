@@ -1,0 +1,95 @@
+"""The build and the soft loading of the compiled libraries."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import resnet_fused as rf
+from resnet_fused import _library
+
+# CI sets this: there the CUDA extension must have been compiled, never silently skipped.
+REQUIRE_CUDA_BUILD = os.environ.get("RESNET_FUSED_REQUIRE_CUDA_BUILD") == "1"
+
+
+def test_build_info_fields():
+    info = rf.build_info()
+    for key in ("cpu_compiled", "cuda_compiled", "torch_version", "torch_cuda_version", "load_errors",
+                "built_with_torch", "cuda_archs", "triton_version", "gpu"):
+        assert key in info
+    assert info["torch_version"] == torch.__version__
+    assert isinstance(info["cuda_compiled"], bool) and isinstance(info["load_errors"], dict)
+    assert rf.available_backends()[0] == "reference"
+    assert set(rf.available_backends()) <= {"reference", "cpu", "cuda", "triton"}
+    assert ("cpu" in rf.available_backends()) == info["cpu_compiled"]
+
+
+@pytest.mark.skipif(not REQUIRE_CUDA_BUILD, reason="RESNET_FUSED_REQUIRE_CUDA_BUILD is not set")
+def test_cuda_extension_was_built_and_loads():
+    info = rf.build_info()
+    assert info["cuda_compiled"], info["load_errors"]
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("resnet_fused::add_act", "CUDA")
+
+
+def cuobjdump() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def test_cuda_library_holds_sm80_and_sm90a_code():
+    if not rf.build_info()["cuda_compiled"]:
+        assert not REQUIRE_CUDA_BUILD
+        pytest.skip(f"CUDA extension not built: {rf.build_info()['load_errors'].get('_C_cuda')}")
+    library = importlib.util.find_spec("resnet_fused._C_cuda").origin
+    listing = subprocess.run([cuobjdump(), "-lelf", library], capture_output=True, text=True, check=True).stdout
+    archs = set(rf.build_info()["cuda_archs"])
+    assert {"80", "90a"} <= archs
+    assert "sm_80.cubin" in listing and "sm_90.cubin" in listing, listing
+    sass = subprocess.run([cuobjdump(), "-sass", "-arch", "sm_90a", library], capture_output=True, text=True,
+                          check=True).stdout
+    assert "add_act_kernel" in sass
+    assert "LDG.E.128" in sass, "the vectorized add_act kernel should use 16-byte loads"
+
+
+def test_library_built_for_another_torch_is_refused(monkeypatch):
+    monkeypatch.setattr(_library, "_BUILD_CONFIG", {"torch_version": "1.0.0", "torch_cuda_version": "9.9"})
+    monkeypatch.setattr(_library, "_STATUS", {})
+    _library._load("_C")
+    status = _library.library_status("_C")
+    assert "built for torch 1.0.0 (CUDA 9.9)" in status and torch.__version__ in status
+    assert not _library.library_loaded("_C")
+
+
+def test_missing_library_is_reported(monkeypatch):
+    monkeypatch.setattr(_library, "_STATUS", {})
+    _library._load("_C_does_not_exist")
+    assert _library.library_status("_C_does_not_exist").startswith("not built")
+
+
+def test_import_without_compiled_libraries(tmp_path):
+    """A checkout that was never built still imports, with only the reference backend."""
+    package = Path(rf.__file__).parent
+    copy = tmp_path / "resnet_fused"
+    copy.mkdir()
+    for source in package.rglob("*.py"):
+        target = copy / source.relative_to(package)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(source.read_text())
+    code = (
+        "import resnet_fused as rf, torch;"
+        "print(rf.available_backends());"
+        "print(rf.build_info()['load_errors']['_C']);"
+        "x = torch.randn(1, 2, 3, 3); w = torch.randn(2, 2, 1, 1);"
+        "print(rf.conv_bn_act(x, w).shape)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "['reference']"
+    assert lines[1].startswith("not built")
+    assert lines[2] == "torch.Size([1, 2, 3, 3])"

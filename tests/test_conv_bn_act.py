@@ -1,0 +1,161 @@
+import pytest
+import torch
+from samples import (CONV_CASES, MEMORY_FORMATS, ConvCase, assert_parity, backends_for, conv_sample,
+                     skip_unless_runs, to_float64)
+
+import resnet_fused as rf
+from resnet_fused import reference
+
+BACKENDS = ["reference", "cpu", "cuda", "triton"]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+CASE_IDS = [c.name for c in CONV_CASES]
+
+
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
+def test_forward_parity(case, backend, dtype, memory_format, device):
+    skip_unless_runs("conv_bn_act", backend, device, dtype)
+    args, kwargs = conv_sample(case, dtype, device, memory_format)
+    out = rf.conv_bn_act(*args, **kwargs, backend=backend)
+    assert out.dtype == dtype and out.device == args[0].device
+    assert out.is_contiguous(memory_format=MEMORY_FORMATS[memory_format])
+    assert_parity(out, reference.conv_bn_act(*args, **kwargs), reference.conv_bn_act(*to_float64(args), **kwargs))
+
+
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
+def test_gradient_parity(case, backend, memory_format, device):
+    skip_unless_runs("conv_bn_act", backend, device, torch.float32)
+    args, kwargs = conv_sample(case, torch.float32, device, memory_format, requires_grad=True)
+    oracle_args = to_float64(args)
+    grad_out = torch.randn_like(reference.conv_bn_act(*oracle_args, **kwargs))
+    inputs = [t for t in args if t is not None]
+    oracle_inputs = [t for t in oracle_args if t is not None]
+
+    actual = torch.autograd.grad(rf.conv_bn_act(*args, **kwargs, backend=backend), inputs, grad_out.float())
+    same_dtype = torch.autograd.grad(reference.conv_bn_act(*args, **kwargs), inputs, grad_out.float())
+    oracle = torch.autograd.grad(reference.conv_bn_act(*oracle_args, **kwargs), oracle_inputs, grad_out)
+    for name, a, t, o in zip(["x", "weight", "bias", "residual"], actual, same_dtype, oracle):
+        assert_parity(a, t, o, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if c.n > 0], ids=lambda c: c.name)
+def test_gradcheck_float64(case, backend):
+    skip_unless_runs("conv_bn_act", backend, "cpu", torch.float64)
+    args, kwargs = conv_sample(case, torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: rf.conv_bn_act(*a, **kwargs, backend=backend), args)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
+def test_opcheck(case, memory_format, requires_grad, device):
+    if "cpu" not in backends_for("conv_bn_act", "cpu"):
+        pytest.skip("the C++ library is not loaded")
+    (x, weight, bias, residual), kw = conv_sample(case, torch.float32, device, memory_format, requires_grad)
+    pair = lambda v: [v, v]  # noqa: E731
+    torch.library.opcheck(
+        torch.ops.resnet_fused.conv_bn_act.default,
+        (x, weight, bias, residual, pair(kw["stride"]), pair(kw["padding"]), pair(kw["dilation"]), kw["groups"], kw["relu"]),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend, device):
+    skip_unless_runs("conv_bn_act", backend, device, torch.float32)
+    case = CONV_CASES[2]
+    args, kwargs = conv_sample(case, torch.float32, device, "nhwc", requires_grad=True)
+
+    def block(*a):
+        return rf.conv_bn_act(*a, **kwargs, backend=backend)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out, expected = compiled(*args), block(*args)
+    torch.testing.assert_close(out, expected)
+    inputs = [t for t in args if t is not None]
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), inputs), torch.autograd.grad(expected.sum(), inputs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend, device):
+    skip_unless_runs("conv_bn_act", backend, device, torch.float32)
+    case = CONV_CASES[0]
+    (x, weight, bias, residual), kwargs = conv_sample(case, torch.float32, device, "nhwc")
+    wide = torch.randn(x.shape[0], x.shape[1], x.shape[2], 2 * x.shape[3], device=device).to(memory_format=torch.channels_last)
+    x_view = wide[..., ::2]  # neither NCHW- nor NHWC-contiguous
+    assert not x_view.is_contiguous() and not x_view.is_contiguous(memory_format=torch.channels_last)
+    out = rf.conv_bn_act(x_view, weight, bias, residual, **kwargs, backend=backend)
+    torch.testing.assert_close(out, reference.conv_bn_act(x_view, weight, bias, residual, **kwargs))
+    assert out.is_contiguous(memory_format=torch.channels_last)  # channels stay innermost, as in the input
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("kernel", [3, 4])
+def test_string_padding(padding, kernel):
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    weight = torch.randn(4, 3, kernel, kernel, dtype=torch.float64)
+    for backend in backends_for("conv_bn_act", "cpu"):
+        out = rf.conv_bn_act(x, weight, padding=padding, relu=False, backend=backend)
+        torch.testing.assert_close(out, torch.nn.functional.conv2d(x, weight, padding=padding))
+
+
+def test_default_backend_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    expected_cpu = "cpu" if "cpu" in rf.available_backends() else "reference"
+    assert rf.backends.resolve_backend("conv_bn_act", None, cpu) == expected_cpu
+    # No GPU kernel has a recorded parity run yet, so CUDA tensors take the reference path (cuDNN).
+    assert rf.backends.resolve_backend("conv_bn_act", None, cuda) == "reference"
+    with rf.use_backend("reference"):
+        assert rf.backends.resolve_backend("conv_bn_act", None, cpu) == "reference"
+        if "cpu" in rf.available_backends():
+            with rf.use_backend("cpu"):
+                assert rf.backends.resolve_backend("conv_bn_act", None, cpu) == "cpu"
+            assert rf.backends.resolve_backend("conv_bn_act", "cpu", cpu) == "cpu"  # explicit wins
+        assert rf.backends.resolve_backend("conv_bn_act", None, cpu) == "reference"
+    assert rf.backends.resolve_backend("conv_bn_act", None, cpu) == expected_cpu
+
+
+BAD_INPUTS = [
+    # (description, change to the good call, error type, message fragment)
+    ("3-d x", lambda a: a.update(x=a["x"][0]), ValueError, "x must be 4-D"),
+    ("2-d weight", lambda a: a.update(weight=a["weight"][:, :, 0, 0]), ValueError, "weight must be 4-D"),
+    ("channel mismatch", lambda a: a.update(x=torch.randn(2, 5, 9, 9)), ValueError, "x has 5 channels"),
+    ("groups mismatch", lambda a: a.update(groups=3), ValueError, "groups=3"),
+    ("groups zero", lambda a: a.update(groups=0), ValueError, "groups must be a positive int"),
+    ("bias shape", lambda a: a.update(bias=torch.randn(3)), ValueError, "bias must have shape (8,)"),
+    ("residual shape", lambda a: a.update(residual=torch.randn(2, 8, 8, 8)), ValueError, "residual must have shape (2, 8, 9, 9)"),
+    ("mixed dtypes", lambda a: a.update(weight=a["weight"].double()), TypeError, "weight has dtype torch.float64"),
+    ("integer x", lambda a: a.update(x=a["x"].long()), TypeError, "x must have a floating-point dtype"),
+    ("not a tensor", lambda a: a.update(x=[1.0]), TypeError, "x must be a torch.Tensor"),
+    ("mixed devices", lambda a: a.update(residual=a["residual"].to("meta")), RuntimeError, "residual is on meta"),
+    ("negative padding", lambda a: a.update(padding=-1), ValueError, "padding must be >= 0"),
+    ("zero stride", lambda a: a.update(stride=(1, 0)), ValueError, "stride must be >= 1"),
+    ("bad padding string", lambda a: a.update(padding="full"), ValueError, "padding must be an int"),
+    ("same with stride", lambda a: a.update(padding="same", stride=2), ValueError, "padding='same' needs stride 1"),
+    ("kernel larger than input", lambda a: a.update(x=torch.randn(2, 8, 1, 1), residual=None, padding=0), ValueError, "smaller than the kernel"),
+    ("unknown backend", lambda a: a.update(backend="cudnn"), ValueError, "unknown backend 'cudnn'"),
+]
+
+
+@pytest.mark.parametrize("change,error,message", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input(change, error, message):
+    (x, weight, bias, residual), kwargs = conv_sample(ConvCase("bad", 2, 8, (9, 9), 8, 3, padding=1))
+    call = dict(x=x, weight=weight, bias=bias, residual=residual, **kwargs)
+    change(call)
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        rf.conv_bn_act(**call)
+
+
+def test_unavailable_backend_is_named():
+    (x, weight, bias, residual), kwargs = conv_sample(CONV_CASES[0])
+    missing = [name for name in BACKENDS if name not in rf.available_backends()]
+    for name in missing:
+        with pytest.raises(RuntimeError, match=f"backend '{name}' is not available: "):
+            rf.conv_bn_act(x, weight, bias, residual, **kwargs, backend=name)
+    if "cpu" in rf.available_backends():
+        with pytest.raises(RuntimeError, match="backend 'cpu' runs on CPU tensors, but the inputs are on meta"):
+            rf.conv_bn_act(*(t.to("meta") for t in (x, weight, bias, residual)), **kwargs, backend="cpu")
