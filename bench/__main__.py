@@ -14,8 +14,10 @@ import resnet_fused as rf
 
 from . import report
 from .conv import run_shape
-from .shapes import QUICK_NAMES, RESNET50_CONVS
+from resnet_fused.shapes import RESNET50_CONVS
 
+# --quick: one shape of each kind, small enough for a CPU in seconds.
+QUICK_NAMES = ("stem", "l1.conv3x3", "l1.expand", "l2.downsample", "l3.conv3x3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,9 +41,12 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--batch", type=int, help="default: 256 on a GPU, 8 on a CPU (2 with --quick)")
-    parser.add_argument("--shapes", nargs="+", metavar="NAME", help="ResNet-50 conv shapes by name (see bench/shapes.py)")
+    parser.add_argument("--shapes", nargs="+", metavar="NAME", help="ResNet-50 conv shapes by name (see resnet_fused/shapes.py)")
     parser.add_argument("--backends", nargs="+", choices=rf.backends.BACKENDS,
                         help="fused backends to compare (default: all that run natively here)")
+    parser.add_argument("--compile", nargs="*", metavar="MODE", dest="compile_modes",
+                        help="torch.compile modes of the eager chain to compare (default on a GPU: default "
+                             "max-autotune; on a CPU: none). Give no MODE to disable")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per case on a CPU")
     parser.add_argument("--out", type=Path, default=Path("bench/out"), help="folder for the JSON and markdown")
     return parser.parse_args(argv)
@@ -58,16 +63,19 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown shapes: {', '.join(sorted(unknown))}")
     shapes = [s for s in RESNET50_CONVS if s.name in names]
     backends = args.backends or default_backends(device)
+    compile_modes = args.compile_modes if args.compile_modes is not None else (
+        ["default", "max-autotune"] if device.type == "cuda" else [])
     env = report.environment(device)
-    print(f"{env['device']} | torch {env['torch']} | {str(dtype)[6:]} | batch {batch} | backends: {', '.join(backends)}")
+    print(f"{env['device']} | torch {env['torch']} | {str(dtype)[6:]} | batch {batch} | "
+          f"backends: {', '.join(backends)} | compile: {', '.join(compile_modes) or 'none'}")
 
     rows = []
     for shape in tqdm(shapes, desc="conv shapes", disable=len(shapes) < 2):
         size = shape.size // 4 if args.quick else shape.size
-        for row in run_shape(shape, batch, size, dtype, device, backends, args.min_run_time):
+        for row in run_shape(shape, batch, size, dtype, device, backends, args.min_run_time, compile_modes):
             rows.append(row)
             timing = f"{row['median_ms']:9.3f} ms {row['tflops']:7.2f} TFLOP/s" if row["status"] == "ok" else "  WRONG RESULT, not timed"
-            tqdm.write(f"{shape.name:18s} {row['provider']:16s} {timing}")
+            tqdm.write(f"{shape.name:18s} {row['provider']:22s} {timing}")
     paths = report.write(args.out, env, rows)
     print()
     print(report.markdown(env, rows))

@@ -4,9 +4,9 @@ import torch.nn.functional as F
 
 import resnet_fused as rf
 from resnet_fused import reference
+from resnet_fused.shapes import ConvShape
 from resnet_fused.testing import parity
 
-from .shapes import ConvShape
 from .timing import measure
 
 
@@ -54,9 +54,15 @@ class ConvProblem:
                                      to64(self.residual), self.shape.stride, self.shape.padding, relu=self.relu)
 
 
+# Providers whose output is the block's result, checked against float64 before they are timed (the
+# conv alone computes less and is a speed reference only).
+CHECKED_PREFIXES = ("fused:", "compile")
+
+
 def run_shape(shape: ConvShape, batch: int, size: int, dtype: torch.dtype, device: torch.device,
-              backends: list[str], min_run_time: float) -> list[dict]:
-    """One row per provider: eager chain, cuDNN conv alone, and the fused op per backend. A fused output
+              backends: list[str], min_run_time: float, compile_modes: list[str]) -> list[dict]:
+    """One row per provider: the eager chain, the conv alone, torch.compile of the eager chain per mode
+    (max-autotune includes Inductor's Triton conv template), and the fused op per backend. An output
     that fails the parity check against float64 is recorded as wrong and never timed."""
     problem = ConvProblem(shape, batch, size, dtype, device)
     flops = shape.flops(batch, size)
@@ -66,11 +72,14 @@ def run_shape(shape: ConvShape, batch: int, size: int, dtype: torch.dtype, devic
     with torch.no_grad():
         eager_out, oracle = problem.eager(), problem.oracle()
         candidates = [("eager", problem.eager), ("conv_alone", problem.conv_alone)]
+        for mode in compile_modes:
+            torch._dynamo.reset()  # each mode compiles afresh, not from the previous mode's cache
+            candidates.append((f"compile:{mode}", torch.compile(problem.eager, mode=mode)))
         candidates += [(f"fused:{name}", problem.fused(name)) for name in backends]
         rows = []
         for provider, fn in candidates:
             row = {**common, "provider": provider}
-            if provider.startswith("fused:"):
+            if provider.startswith(CHECKED_PREFIXES):
                 check = parity(fn(), eager_out, oracle)
                 row["parity"] = str(check)
                 if not check.ok:

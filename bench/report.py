@@ -56,7 +56,7 @@ def speedups(rows: list[dict]) -> list[dict]:
     result = []
     for shape, providers in by_shape.items():
         for provider, row in providers.items():
-            if not provider.startswith("fused:"):
+            if provider in ("eager", "conv_alone"):
                 continue
             entry = {"shape": shape, "provider": provider, "status": row["status"]}
             if row["status"] == "ok":

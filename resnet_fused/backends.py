@@ -26,6 +26,10 @@ _CUDA_AVAILABLE = torch.cuda.is_available()
 _KERNELS: dict[tuple[str, str], bool] = {}
 OPS = ("conv_bn_act", "bn_act", "add_act")
 
+# Dtypes a backend's kernel takes, where that is not every floating dtype.
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # tl.dot has no float64
+_DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {("conv_bn_act", "triton"): _TRITON_DTYPES}
+
 # The stack of `use_backend` defaults; a plain list because torch.compile cannot trace ContextVar.get.
 _DEFAULT_STACK: list[str] = []
 
@@ -77,11 +81,16 @@ def has_kernel(op: str, backend: str) -> bool:
     return _KERNELS.get((op, backend), False)
 
 
-def _default_backend(op: str, device: torch.device) -> str:
+def supports_dtype(op: str, backend: str, dtype: torch.dtype) -> bool:
+    return dtype in _DTYPES.get((op, backend), (dtype,))
+
+
+def _default_backend(op: str, device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda":
         # Fastest first, and only kernels with a recorded GPU parity run.
         for name in ("cuda", "triton"):
-            if op in GPU_VERIFIED[name] and has_kernel(op, name) and _unavailable_reason(name) is None:
+            if (op in GPU_VERIFIED[name] and has_kernel(op, name) and supports_dtype(op, name, dtype)
+                    and _unavailable_reason(name) is None):
                 return name
         return "reference"
     if device.type == "cpu" and has_kernel(op, "cpu"):
@@ -89,12 +98,12 @@ def _default_backend(op: str, device: torch.device) -> str:
     return "reference"
 
 
-def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
-    """The backend that runs `op` on tensors on `device`; raises if the requested one cannot."""
+def resolve_backend(op: str, backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs `op` on `dtype` tensors on `device`; raises if the requested one cannot."""
     if backend is None and _DEFAULT_STACK:
         backend = _DEFAULT_STACK[-1]
     if backend is None:
-        return _default_backend(op, device)
+        return _default_backend(op, device, dtype)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     reason = _unavailable_reason(backend)
@@ -105,6 +114,9 @@ def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
         raise NotImplementedError(
             f"backend {backend!r} has no {op} kernel yet; backends with one here: {', '.join(others)}"
         )
+    if not supports_dtype(op, backend, dtype):
+        names = ", ".join(str(d).removeprefix("torch.") for d in _DTYPES[(op, backend)])
+        raise TypeError(f"backend {backend!r} runs {op} on {names}, not {dtype}")
     if backend == "cpu" and device.type != "cpu":
         raise RuntimeError(f"backend 'cpu' runs on CPU tensors, but the inputs are on {device}")
     if backend == "cuda" and device.type != "cuda":

@@ -130,8 +130,8 @@ def skip_unless_runs(op: str, backend: str, device: str, dtype: torch.dtype) -> 
     """Skips, with the reason, a (backend, device, dtype) combination that cannot run here."""
     if backend not in backends_for(op, device):
         pytest.skip(f"backend {backend!r} cannot run {op} on {device} here")
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("Triton has no float64 tl.dot")
+    if not rf.backends.supports_dtype(op, backend, dtype):
+        pytest.skip(f"backend {backend!r} does not run {op} on {dtype}")
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter computes bfloat16 tl.dot wrongly (ENV.md); bfloat16 runs on the GPU")
 

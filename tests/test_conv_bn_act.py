@@ -93,30 +93,48 @@ def test_non_contiguous_input(backend, device):
     assert out.is_contiguous(memory_format=torch.channels_last)  # channels stay innermost, as in the input
 
 
+@pytest.mark.parametrize("shape,layout,channels_last", [
+    ((2, 16, 5, 5), "nchw", False),
+    ((2, 16, 5, 5), "nhwc", True),
+    ((2, 16, 1, 1), "nhwc", False),  # contiguous in both formats: NCHW
+    ((2, 1, 5, 5), "nhwc", False),  # C == 1: contiguous in both formats: NCHW
+    ((0, 16, 5, 5), "nhwc", True),  # empty: counts as NCHW-contiguous, so the channels_last strides decide
+    ((0, 16, 5, 5), "nchw", False),
+], ids=["nchw", "nhwc", "1x1_spatial", "one_channel", "empty_nhwc", "empty_nchw"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_memory_format(shape, layout, channels_last, backend, device):
+    skip_unless_runs("conv_bn_act", backend, device, torch.float32)
+    x = torch.randn(shape, device=device).contiguous(memory_format=MEMORY_FORMATS[layout])
+    weight = torch.randn(8, shape[1], 1, 1, device=device)
+    out = rf.conv_bn_act(x, weight, backend=backend)
+    expected = torch.empty(out.shape, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert out.stride() == expected.stride()
+
+
 @pytest.mark.parametrize("padding", ["same", "valid"])
 @pytest.mark.parametrize("kernel", [3, 4])
 def test_string_padding(padding, kernel):
-    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
-    weight = torch.randn(4, 3, kernel, kernel, dtype=torch.float64)
+    x = torch.randn(2, 3, 9, 9)
+    weight = torch.randn(4, 3, kernel, kernel)
     for backend in backends_for("conv_bn_act", "cpu"):
         out = rf.conv_bn_act(x, weight, padding=padding, relu=False, backend=backend)
         torch.testing.assert_close(out, torch.nn.functional.conv2d(x, weight, padding=padding))
 
 
 def test_default_backend_choice():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cpu, cuda, f32 = torch.device("cpu"), torch.device("cuda"), torch.float32
     expected_cpu = "cpu" if "cpu" in rf.available_backends() else "reference"
-    assert rf.backends.resolve_backend("conv_bn_act", None, cpu) == expected_cpu
+    assert rf.backends.resolve_backend("conv_bn_act", None, cpu, f32) == expected_cpu
     # No GPU kernel has a recorded parity run yet, so CUDA tensors take the reference path (cuDNN).
-    assert rf.backends.resolve_backend("conv_bn_act", None, cuda) == "reference"
+    assert rf.backends.resolve_backend("conv_bn_act", None, cuda, f32) == "reference"
     with rf.use_backend("reference"):
-        assert rf.backends.resolve_backend("conv_bn_act", None, cpu) == "reference"
+        assert rf.backends.resolve_backend("conv_bn_act", None, cpu, f32) == "reference"
         if "cpu" in rf.available_backends():
             with rf.use_backend("cpu"):
-                assert rf.backends.resolve_backend("conv_bn_act", None, cpu) == "cpu"
-            assert rf.backends.resolve_backend("conv_bn_act", "cpu", cpu) == "cpu"  # explicit wins
-        assert rf.backends.resolve_backend("conv_bn_act", None, cpu) == "reference"
-    assert rf.backends.resolve_backend("conv_bn_act", None, cpu) == expected_cpu
+                assert rf.backends.resolve_backend("conv_bn_act", None, cpu, f32) == "cpu"
+            assert rf.backends.resolve_backend("conv_bn_act", "cpu", cpu, f32) == "cpu"  # explicit wins
+        assert rf.backends.resolve_backend("conv_bn_act", None, cpu, f32) == "reference"
+    assert rf.backends.resolve_backend("conv_bn_act", None, cpu, f32) == expected_cpu
 
 
 BAD_INPUTS = [

@@ -3,5 +3,6 @@ from .add_act import add_act
 from .bn_act import bn_act
 from .conv_bn_act import conv_bn_act
 from .fold_bn import fold_bn
+from . import triton_backend  # noqa: F401  (registers the Triton ops)
 
 __all__ = ["add_act", "bn_act", "conv_bn_act", "fold_bn"]

@@ -15,7 +15,7 @@ def add_act(x, residual, *, relu=True, backend=None):
     check_shape(residual, "residual", x.shape)
     check_same_dtype(x, "x", residual=residual)
     check_same_device(x, "x", residual=residual)
-    name = resolve_backend("add_act", backend, x.device)
+    name = resolve_backend("add_act", backend, x.device, x.dtype)
     x, residual = dense(x), dense(residual)
     if name == "reference":
         return reference.add_act(x, residual, relu).contiguous(memory_format=output_memory_format(x))

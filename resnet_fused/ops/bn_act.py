@@ -61,7 +61,7 @@ def bn_act(x, weight, bias, running_mean, running_var, residual=None, *, trainin
     if training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
 
-    name = resolve_backend("bn_act", backend, x.device)
+    name = resolve_backend("bn_act", backend, x.device, x.dtype)
     x = dense(x)
     residual = dense(residual) if residual is not None else None
     if name == "reference":

@@ -72,7 +72,7 @@ def conv_bn_act(x, weight, bias=None, residual=None, *, stride=1, padding=0, dil
     check_shape(bias, "bias", (c_out,))
     check_shape(residual, "residual", out_shape)
 
-    name = resolve_backend("conv_bn_act", backend, x.device)
+    name = resolve_backend("conv_bn_act", backend, x.device, x.dtype)
     x = dense(x)
     if name == "reference":
         out = reference.conv_bn_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
