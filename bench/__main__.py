@@ -1,8 +1,9 @@
 """python -m bench: is fused faster than eager PyTorch, and by how much, on this machine?
 
-Compares, for ResNet-50's conv shapes, the fused conv + BN (+ add) (+ ReLU) of every available backend
-with the eager chain (conv, BN, add, ReLU as separate kernels) and with the conv alone. Every fused
-output is checked against a float64 reference before it is timed.
+Op level, for ResNet-50's shapes: the fused conv + BN (+ add) (+ ReLU) of every available backend
+against the eager chain (conv, BN, add, ReLU as separate kernels), the conv alone and torch.compile;
+the fused training-mode BN (+ add) + ReLU, forward and forward+backward, against eager and
+torch.compile. Every candidate is checked against a float64 reference before it is timed.
 """
 import argparse
 from pathlib import Path
@@ -12,23 +13,26 @@ from tqdm import tqdm
 
 import resnet_fused as rf
 
-from . import report
-from .conv import run_shape
+from . import bn, conv, memory, report
 from resnet_fused.shapes import RESNET50_CONVS
 
 # --quick: one shape of each kind, small enough for a CPU in seconds.
 QUICK_NAMES = ("stem", "l1.conv3x3", "l1.expand", "l2.downsample", "l3.conv3x3")
+QUICK_BN_NAMES = ("c64@56", "c256@56+add", "c512@28 no-relu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def default_backends(device: torch.device) -> list[str]:
-    """Every backend with a conv kernel that runs natively on the device (the Triton interpreter on a
+OPS = ("conv", "bn", "memory")
+
+
+def default_backends(op: str, device: torch.device) -> list[str]:
+    """Every backend with a kernel for `op` that runs natively on the device (the Triton interpreter on a
     CPU is a correctness tool, not a speed one, so it is left out unless asked for)."""
     names = []
     for name in rf.available_backends():
         native = {"cpu": device.type == "cpu", "cuda": device.type == "cuda", "triton": device.type == "cuda",
                   "reference": True}[name]
-        if native and rf.backends.has_kernel("conv_bn_act", name):
+        if native and rf.backends.has_kernel(op, name):
             names.append(name)
     return names
 
@@ -36,19 +40,21 @@ def default_backends(device: torch.device) -> list[str]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="which comparisons to run")
     parser.add_argument("--quick", action="store_true",
-                        help="five shapes at a quarter of the resolution, batch 2: a few seconds to minutes on a CPU")
+                        help="a few shapes at a quarter of the resolution, batch 2: a minute or so on a CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--batch", type=int, help="default: 256 on a GPU, 8 on a CPU (2 with --quick)")
-    parser.add_argument("--shapes", nargs="+", metavar="NAME", help="ResNet-50 conv shapes by name (see resnet_fused/shapes.py)")
+    parser.add_argument("--shapes", nargs="+", metavar="NAME",
+                        help="ResNet-50 conv shapes by name (see resnet_fused/shapes.py) for the conv comparison")
     parser.add_argument("--backends", nargs="+", choices=rf.backends.BACKENDS,
                         help="fused backends to compare (default: all that run natively here)")
     parser.add_argument("--compile", nargs="*", metavar="MODE", dest="compile_modes",
                         help="torch.compile modes of the eager chain to compare (default on a GPU: default "
                              "max-autotune; on a CPU: none). Give no MODE to disable")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per case on a CPU")
-    parser.add_argument("--out", type=Path, default=Path("bench/out"), help="folder for the JSON and markdown")
+    parser.add_argument("--out", type=Path, default=Path("bench/out"), help="folder for results.json and results.md")
     return parser.parse_args(argv)
 
 
@@ -62,23 +68,44 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown shapes: {', '.join(sorted(unknown))}")
     shapes = [s for s in RESNET50_CONVS if s.name in names]
-    backends = args.backends or default_backends(device)
     compile_modes = args.compile_modes if args.compile_modes is not None else (
         ["default", "max-autotune"] if device.type == "cuda" else [])
     env = report.environment(device)
     print(f"{env['device']} | torch {env['torch']} | {str(dtype)[6:]} | batch {batch} | "
-          f"backends: {', '.join(backends)} | compile: {', '.join(compile_modes) or 'none'}")
+          f"compile: {', '.join(compile_modes) or 'none'}")
+
+    # (op, shape name, function returning its rows)
+    jobs = []
+    if "conv" in args.ops:
+        backends = args.backends or default_backends("conv_bn_act", device)
+        for shape in shapes:
+            size = shape.size // 4 if args.quick else shape.size
+            jobs.append((shape.name, lambda shape=shape, size=size: conv.run_shape(
+                shape, batch, size, dtype, device, backends, args.min_run_time, compile_modes)))
+    if "bn" in args.ops:
+        backends = args.backends or default_backends("bn_act", device)
+        bn_shapes = bn.resnet50_bn_shapes()
+        if args.quick:
+            bn_shapes = [(n, c, s // 4, r, a) for n, c, s, r, a in bn_shapes if n in QUICK_BN_NAMES]
+        for shape in bn_shapes:
+            jobs.append((shape[0], lambda shape=shape: bn.run_shape(
+                shape, batch, dtype, device, backends, args.min_run_time, compile_modes)))
 
     rows = []
-    for shape in tqdm(shapes, desc="conv shapes", disable=len(shapes) < 2):
-        size = shape.size // 4 if args.quick else shape.size
-        for row in run_shape(shape, batch, size, dtype, device, backends, args.min_run_time, compile_modes):
+    for name, job in tqdm(jobs, desc="shapes", disable=len(jobs) < 2):
+        for row in job():
             rows.append(row)
-            timing = f"{row['median_ms']:9.3f} ms {row['tflops']:7.2f} TFLOP/s" if row["status"] == "ok" else "  WRONG RESULT, not timed"
-            tqdm.write(f"{shape.name:18s} {row['provider']:22s} {timing}")
-    paths = report.write(args.out, env, rows)
+            timing = (f"{row['median_ms']:9.3f} ms {row['throughput']:8.2f} {row['throughput_unit']}"
+                      if row["status"] == "ok" else "  WRONG RESULT, not timed")
+            tqdm.write(f"{row['op']:26s} {name:18s} {row['provider']:22s} {timing}")
+    memory_rows = []
+    if "memory" in args.ops:
+        memory_backends = args.backends or default_backends("bn_act", device)
+        channels, size = (64, 14) if args.quick else (64, 56)
+        memory_rows = memory.run(batch, channels, size, dtype, device, memory_backends)
+    paths = report.write(args.out, env, rows, memory_rows)
     print()
-    print(report.markdown(env, rows))
+    print(report.markdown(env, rows, memory_rows))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 1 if any(r["status"] == "wrong" for r in rows) else 0
 

@@ -78,7 +78,7 @@ def run_shape(shape: ConvShape, batch: int, size: int, dtype: torch.dtype, devic
         candidates += [(f"fused:{name}", problem.fused(name)) for name in backends]
         rows = []
         for provider, fn in candidates:
-            row = {**common, "provider": provider}
+            row = {**common, "provider": provider, "throughput_unit": "TFLOP/s"}
             if provider.startswith(CHECKED_PREFIXES):
                 check = parity(fn(), eager_out, oracle)
                 row["parity"] = str(check)
@@ -86,5 +86,6 @@ def run_shape(shape: ConvShape, batch: int, size: int, dtype: torch.dtype, devic
                     rows.append({**row, "status": "wrong"})
                     continue
             timing = measure(fn, device, min_run_time)
-            rows.append({**row, "status": "ok", **timing, "tflops": flops / timing["median_ms"] / 1e9})
+            rows.append({**row, "status": "ok", **timing, "throughput": flops / timing["median_ms"] / 1e9,
+                         "throughput_unit": "TFLOP/s"})
     return rows

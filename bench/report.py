@@ -1,4 +1,4 @@
-"""What a run records: the environment stamp, the JSON of every measurement, the markdown table."""
+"""What a run records: the environment stamp, the JSON of every measurement, the markdown tables."""
 import datetime
 import json
 import math
@@ -48,66 +48,96 @@ def environment(device: torch.device) -> dict:
     }
 
 
+# Providers that others are compared against, when a group has them.
+BASELINES = ("eager", "conv_alone")
+
+
 def speedups(rows: list[dict]) -> list[dict]:
-    """Per shape and fused provider: speedup over the eager chain and over the conv alone."""
-    by_shape: dict[str, dict[str, dict]] = {}
+    """Per (op, shape) and candidate provider: the speedup over each baseline measured beside it."""
+    groups: dict[tuple[str, str], dict[str, dict]] = {}
     for row in rows:
-        by_shape.setdefault(row["shape"], {})[row["provider"]] = row
+        groups.setdefault((row["op"], row["shape"]), {})[row["provider"]] = row
     result = []
-    for shape, providers in by_shape.items():
+    for (op, shape), providers in groups.items():
         for provider, row in providers.items():
-            if provider in ("eager", "conv_alone"):
+            if provider in BASELINES:
                 continue
-            entry = {"shape": shape, "provider": provider, "status": row["status"]}
+            entry = {"op": op, "shape": shape, "provider": provider, "status": row["status"]}
             if row["status"] == "ok":
-                for baseline in ("eager", "conv_alone"):
-                    entry[f"vs_{baseline}"] = providers[baseline]["median_ms"] / row["median_ms"]
+                for baseline in BASELINES:
+                    if providers.get(baseline, {}).get("status") == "ok":
+                        entry[f"vs_{baseline}"] = providers[baseline]["median_ms"] / row["median_ms"]
             result.append(entry)
     return result
 
 
-def geometric_means(entries: list[dict]) -> dict[str, dict[str, float]]:
-    means: dict[str, dict[str, float]] = {}
-    for provider in sorted({e["provider"] for e in entries}):
-        ok = [e for e in entries if e["provider"] == provider and e["status"] == "ok"]
-        if ok:
-            means[provider] = {key: math.exp(sum(math.log(e[key]) for e in ok) / len(ok))
-                               for key in ("vs_eager", "vs_conv_alone")}
+def geometric_means(entries: list[dict]) -> list[dict]:
+    """Per (op, provider): the geometric mean of each speedup over the shapes."""
+    means = []
+    for op, provider in sorted({(e["op"], e["provider"]) for e in entries}):
+        ok = [e for e in entries if e["op"] == op and e["provider"] == provider and e["status"] == "ok"]
+        entry = {"op": op, "provider": provider, "shapes": len(ok)}
+        for key in (f"vs_{b}" for b in BASELINES):
+            values = [e[key] for e in ok if key in e]
+            if values:
+                entry[key] = math.exp(sum(math.log(v) for v in values) / len(values))
+        means.append(entry)
     return means
 
 
-def markdown(env: dict, rows: list[dict]) -> str:
+def _ratio(entry: dict, key: str) -> str:
+    return f"{entry[key]:.2f}x" if key in entry else ""
+
+
+def memory_markdown(memory_rows: list[dict]) -> list[str]:
+    if not memory_rows:
+        return []
+    lines = ["", "## training activation memory (BasicBlock: conv-BN-ReLU-conv-BN-add-ReLU)", "",
+             "| shape | batch | provider | saved for backward, MB | in activations | peak fwd+bwd, MB |",
+             "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for row in memory_rows:
+        peak = f"{row['peak_bytes'] / 1e6:.1f}" if "peak_bytes" in row else "(GPU only)"
+        lines.append(f"| {row['shape']} | {row['batch']} | {row['provider']} | {row['saved_bytes'] / 1e6:.2f} | "
+                     f"{row['saved_activations']:.2f} | {peak} |")
+    return lines
+
+
+def markdown(env: dict, rows: list[dict], memory_rows: list[dict] = ()) -> str:
     entries = speedups(rows)
+    speed = {(e["op"], e["shape"], e["provider"]): e for e in entries}
     lines = [
-        f"# conv + BN (+ add) (+ ReLU): fused vs eager on {env['device']}",
+        f"# resnet-fused benchmark on {env['device']}",
         "",
         f"torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}, {env['date']}, "
         f"commit {env['git_commit']}",
-        "",
-        "| shape | provider | median ms | TFLOP/s | vs eager chain | vs conv alone |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    speed = {(e["shape"], e["provider"]): e for e in entries}
-    for row in rows:
-        if row["status"] != "ok":
-            lines.append(f"| {row['shape']} | {row['provider']} | wrong result, not timed | | | |")
-            continue
-        s = speed.get((row["shape"], row["provider"]), {})
-        ratio = lambda k: f"{s[k]:.2f}x" if k in s else ""  # noqa: E731
-        lines.append(f"| {row['shape']} | {row['provider']} | {row['median_ms']:.3f} | {row['tflops']:.2f} | "
-                     f"{ratio('vs_eager')} | {ratio('vs_conv_alone')} |")
-    lines += ["", "Geometric mean over the shapes:", "", "| provider | vs eager chain | vs conv alone |",
-              "| --- | ---: | ---: |"]
-    for provider, mean in geometric_means(entries).items():
-        lines.append(f"| {provider} | {mean['vs_eager']:.2f}x | {mean['vs_conv_alone']:.2f}x |")
+    for op in dict.fromkeys(row["op"] for row in rows):
+        op_rows = [row for row in rows if row["op"] == op]
+        unit = op_rows[0]["throughput_unit"]
+        lines += ["", f"## {op}", "", f"| shape | provider | median ms | {unit} | vs eager | vs conv alone |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for row in op_rows:
+            if row["status"] != "ok":
+                lines.append(f"| {row['shape']} | {row['provider']} | wrong result, not timed | | | |")
+                continue
+            e = speed.get((op, row["shape"], row["provider"]), {})
+            lines.append(f"| {row['shape']} | {row['provider']} | {row['median_ms']:.3f} | {row['throughput']:.2f} | "
+                         f"{_ratio(e, 'vs_eager')} | {_ratio(e, 'vs_conv_alone')} |")
+    lines += ["", "Geometric mean over the shapes:", "", "| op | provider | vs eager | vs conv alone |",
+              "| --- | --- | ---: | ---: |"]
+    for mean in geometric_means(entries):
+        lines.append(f"| {mean['op']} | {mean['provider']} | {_ratio(mean, 'vs_eager')} | "
+                     f"{_ratio(mean, 'vs_conv_alone')} |")
+    lines += memory_markdown(list(memory_rows))
     return "\n".join(lines) + "\n"
 
 
-def write(out_dir: Path, env: dict, rows: list[dict]) -> list[Path]:
+def write(out_dir: Path, env: dict, rows: list[dict], memory_rows: list[dict] = ()) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = speedups(rows)
-    json_path, md_path = out_dir / "conv_bn_act.json", out_dir / "conv_bn_act.md"
+    json_path, md_path = out_dir / "results.json", out_dir / "results.md"
     json_path.write_text(json.dumps({"environment": env, "rows": rows, "speedups": entries,
-                                     "geometric_means": geometric_means(entries)}, indent=2) + "\n")
-    md_path.write_text(markdown(env, rows))
+                                     "geometric_means": geometric_means(entries), "memory": list(memory_rows)},
+                                    indent=2) + "\n")
+    md_path.write_text(markdown(env, rows, memory_rows))
     return [json_path, md_path]

@@ -141,7 +141,9 @@ def to_float64(tensors):
     out = []
     for t in tensors:
         if isinstance(t, torch.Tensor):
-            c = t.detach().to(torch.float64)
+            # clone: .to() of a float64 tensor is the tensor itself, and in-place running-stat updates
+            # must not reach the original
+            c = t.detach().to(torch.float64).clone()
             out.append(c.requires_grad_(t.requires_grad))
         else:
             out.append(t)

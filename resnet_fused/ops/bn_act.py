@@ -1,11 +1,13 @@
 """rf.bn_act: batch norm + optional residual add + optional ReLU, training and eval."""
 import torch
+import torch.distributed as dist
 
 from .. import reference
 from .._library import library_loaded
 from ..backends import resolve_backend
 from ._checks import check_same_device, check_same_dtype, check_shape, check_tensor
 from ._layout import dense, empty_output, output_memory_format
+from .sync_bn import SyncBNAct
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -26,13 +28,16 @@ def _param_dtype(x, params: dict) -> torch.dtype:
 
 
 def bn_act(x, weight, bias, running_mean, running_var, residual=None, *, training, momentum=0.1, eps=1e-5,
-           relu=True, backend=None):
+           relu=True, process_group=None, backend=None):
     """act(batch_norm(x) + residual), in one op.
 
     training=True normalizes with the batch statistics and updates running_mean/running_var in place
     exactly as F.batch_norm does (momentum, unbiased variance); training=False uses the running
     statistics. weight/bias may be None (no affine); running statistics may be None in training only.
     Differentiable with respect to x, weight, bias and residual.
+
+    process_group (a torch.distributed group, or dist.group.WORLD) synchronizes the batch statistics in
+    training across its processes, as nn.SyncBatchNorm does; it needs an initialized process group.
     """
     check_tensor(x, "x", 4)
     channels = x.shape[1]
@@ -58,6 +63,13 @@ def bn_act(x, weight, bias, running_mean, running_var, residual=None, *, trainin
         raise ValueError("running_mean and running_var must be given together")
     if not training and running_mean is None:
         raise ValueError("eval mode (training=False) needs running_mean and running_var")
+    if training and process_group is not None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("process_group needs an initialized torch.distributed process group")
+        weight = weight if weight is not None else torch.ones(channels, dtype=param_dtype, device=x.device)
+        bias = bias if bias is not None else torch.zeros(channels, dtype=param_dtype, device=x.device)
+        return SyncBNAct.apply(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu,
+                               process_group, backend)
     if training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
 

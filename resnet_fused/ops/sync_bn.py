@@ -1,0 +1,79 @@
+"""Synchronized batch norm (+ residual) (+ ReLU) across processes, as nn.SyncBatchNorm does it.
+
+Forward: each process computes its per-channel count, mean and biased variance; one all_gather brings
+every process's triple, which are combined with Chan's parallel formula (exact, and safe where
+E[x^2] - E[x]^2 cancels); the running statistics are updated from the global ones; then the fused op
+normalizes with the global statistics in one pass (rf.bn_act in eval mode). Backward: the per-channel
+sums of g and g * xhat are all-reduced, so grad_x uses the global batch, while grad_weight and
+grad_bias stay local (DDP averages parameter gradients itself, as with nn.SyncBatchNorm).
+"""
+import torch
+import torch.distributed as dist
+
+
+def _local_stats(x: torch.Tensor, stats_dtype: torch.dtype) -> torch.Tensor:
+    """(3, C): count, mean, biased variance of this process's batch (zeros for an empty batch)."""
+    channels, count = x.shape[1], x.shape[0] * x.shape[2] * x.shape[3]
+    if count == 0:
+        return torch.zeros(3, channels, dtype=stats_dtype, device=x.device)
+    var, mean = torch.var_mean(x.to(stats_dtype), dim=(0, 2, 3), correction=0)
+    return torch.stack([torch.full_like(mean, count), mean, var])
+
+
+def combine_stats(gathered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chan's parallel combination of (W, 3, C) per-process (count, mean, biased var) into the global
+    (count, mean, biased var)."""
+    counts, means, variances = gathered.unbind(1)
+    total = counts.sum(0)
+    mean = (counts * means).sum(0) / total
+    m2 = (counts * (variances + (means - mean) ** 2)).sum(0)
+    return total, mean, m2 / total
+
+
+class SyncBNAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, momentum, eps, relu, group, backend):
+        from .bn_act import bn_act
+
+        stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        local = _local_stats(x, stats_dtype)
+        gathered = torch.empty((dist.get_world_size(group), *local.shape), dtype=local.dtype, device=local.device)
+        dist.all_gather(list(gathered.unbind(0)), local, group=group)
+        total, mean, var = combine_stats(gathered)
+        if x.shape[0] * x.shape[2] * x.shape[3] == 1 and gathered.shape[0] == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+        # All on the device, no host sync (CUDA-graph capture stays possible). Channels that saw no
+        # values anywhere (every batch empty) keep their running statistics.
+        if running_mean is not None:
+            seen = total > 1  # one value has no unbiased variance: leave the statistics
+            unbiased = var * total / (total - 1)
+            running_mean.copy_(torch.where(seen, running_mean + momentum * (mean.to(running_mean.dtype) - running_mean),
+                                           running_mean))
+            running_var.copy_(torch.where(seen, running_var + momentum * (unbiased.to(running_var.dtype) - running_var),
+                                          running_var))
+        # Normalizing with given statistics is eval mode's math: one fused pass. The statistics stay in
+        # float32 (float64 for float64 x), so the parameters go with them.
+        out = bn_act(x, weight.to(stats_dtype), bias.to(stats_dtype), mean, var, residual, training=False,
+                     eps=eps, relu=relu, backend=backend)
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, invstd, out, total)
+        ctx.relu, ctx.group, ctx.has_residual = relu, group, residual is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mean, invstd, out, total = ctx.saved_tensors
+        stats_dtype = mean.dtype
+        g = torch.ops.aten.threshold_backward(grad_out, out, 0) if ctx.relu else grad_out
+        shape = (1, -1, 1, 1)
+        xhat = (x.to(stats_dtype) - mean.reshape(shape)) * invstd.reshape(shape)
+        g_acc = g.to(stats_dtype)
+        local_sums = torch.stack([g_acc.sum((0, 2, 3)), (g_acc * xhat).sum((0, 2, 3))])
+        global_sums = local_sums.clone()
+        dist.all_reduce(global_sums, group=ctx.group)
+        sum_g, sum_gxhat = (global_sums / total.clamp(min=1)).reshape(2, *shape).unbind(0)
+        scale = (weight.to(stats_dtype) * invstd).reshape(shape)
+        grad_x = (scale * (g_acc - sum_g - xhat * sum_gxhat)).to(x.dtype)
+        grad_weight, grad_bias = (s.to(weight.dtype) for s in (local_sums[1], local_sums[0]))
+        return (grad_x, grad_weight, grad_bias, g if ctx.has_residual else None,
+                None, None, None, None, None, None, None)

@@ -1,0 +1,78 @@
+"""python -m bench --quick end to end on this machine, the files it writes, and that a wrong kernel is
+never timed."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import resnet_fused as rf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ lives beside the package
+from bench import __main__ as bench_main  # noqa: E402
+
+QUICK = ["--quick", "--shapes", "l1.expand", "--min-run-time", "0.01", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    status = bench_main.main([*QUICK, "--out", str(out)])
+    return status, out
+
+
+def test_quick_run_writes_json_and_markdown(quick_run):
+    status, out = quick_run
+    assert status == 0
+    results = json.loads((out / "results.json").read_text())
+    env = results["environment"]
+    for key in ("device", "torch", "torch_cuda", "triton", "date", "git_commit", "resnet_fused_backends"):
+        assert key in env
+    ops = {row["op"] for row in results["rows"]}
+    assert ops == {"conv_bn_act", "bn_act.forward", "bn_act.forward+backward"}
+    for row in results["rows"]:
+        assert row["status"] == "ok", row
+        assert row["median_ms"] > 0 and row["low_ms"] <= row["median_ms"] <= row["high_ms"]
+        assert row["throughput"] > 0 and row["throughput_unit"] in ("TFLOP/s", "GB/s")
+    providers = {row["provider"] for row in results["rows"]}
+    assert {"eager", "conv_alone", "fused:reference"} <= providers
+    if "cpu" in rf.available_backends():
+        assert "fused:cpu" in providers
+    for entry in results["speedups"]:
+        assert entry["vs_eager"] > 0
+    assert {m["op"] for m in results["geometric_means"]} == ops
+    memory = results["memory"]
+    assert {row["provider"] for row in memory} >= {"eager", "fused:reference"}
+    assert all(row["saved_bytes"] > 0 for row in memory)
+    markdown = (out / "results.md").read_text()
+    assert "## conv_bn_act" in markdown and "## bn_act.forward" in markdown and "activation memory" in markdown
+
+
+def test_wrong_kernel_is_not_timed(tmp_path, monkeypatch):
+    real = rf.conv_bn_act
+
+    def off_by_a_little(*args, backend=None, **kwargs):
+        out = real(*args, backend=backend, **kwargs)
+        return out * 1.01 if backend == "reference" else out
+
+    monkeypatch.setattr(rf, "conv_bn_act", off_by_a_little)
+    status = bench_main.main([*QUICK, "--ops", "conv", "--backends", "reference", "--out", str(tmp_path)])
+    assert status == 1
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    wrong = [row for row in rows if row["provider"] == "fused:reference"]
+    assert wrong and all(row["status"] == "wrong" and "median_ms" not in row for row in wrong)
+    assert "wrong result, not timed" in (tmp_path / "results.md").read_text()
+
+
+def test_unknown_shape_is_refused():
+    with pytest.raises(SystemExit, match="unknown shapes: nope"):
+        bench_main.main(["--shapes", "nope", "--device", "cpu"])
+
+
+def test_memory_fused_block_saves_no_more_than_eager():
+    from bench import memory
+
+    rows = memory.run(2, 16, 8, torch.float32, torch.device("cpu"), ["reference"])
+    eager, fused = (row["saved_bytes"] for row in rows)
+    assert fused <= eager

@@ -1,0 +1,80 @@
+"""Synchronized BN: two processes on the gloo backend (CPU) against one process on the whole batch."""
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from samples import BNCase, assert_parity, backends_for, bn_sample, to_float64
+
+import resnet_fused as rf
+from resnet_fused import reference
+
+WORLD = 2
+# Uneven split on purpose: rank 0 gets 3 images, rank 1 gets 1.
+SPLIT = [3, 1]
+CASE = BNCase("sync", (sum(SPLIT), 5, 3, 4))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def full_batch_sample(dtype):
+    torch.manual_seed(0)
+    sample = bn_sample(CASE, dtype, requires_grad=True)
+    grad_out = torch.randn(CASE.shape, dtype=torch.float64).to(dtype)
+    return sample, grad_out
+
+
+def worker(rank, port, backend, dtype, out_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        (x, weight, bias, running_mean, running_var, residual), grad_out = full_batch_sample(dtype)
+        rows = slice(sum(SPLIT[:rank]), sum(SPLIT[: rank + 1]))
+        x_local = x.detach()[rows].clone().requires_grad_()
+        residual_local = residual.detach()[rows].clone().requires_grad_()
+        out = rf.bn_act(x_local, weight, bias, running_mean, running_var, residual_local, training=True,
+                        process_group=dist.group.WORLD, backend=backend)
+        out.backward(grad_out[rows])
+        torch.save({"out": out.detach(), "grad_x": x_local.grad, "grad_residual": residual_local.grad,
+                    "grad_weight": weight.grad, "grad_bias": bias.grad, "running_mean": running_mean,
+                    "running_var": running_var}, f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_two_processes_match_one_big_batch(backend, dtype, tmp_path):
+    if backend not in backends_for("bn_act", "cpu"):
+        pytest.skip(f"backend {backend!r} is not available here")
+    mp.spawn(worker, args=(free_port(), backend, dtype, str(tmp_path / "rank")), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank.{r}") for r in range(WORLD)]
+
+    # The oracle: the whole batch in one process, in float64; and PyTorch in the same dtype.
+    (x, weight, bias, running_mean, running_var, residual), grad_out = full_batch_sample(dtype)
+    results = {}
+    for name, sample in (("oracle", to_float64([x, weight, bias, running_mean, running_var, residual])),
+                         ("torch", [x, weight, bias, running_mean, running_var, residual])):
+        xs, ws, bs, rm, rv, rs = sample
+        out = reference.bn_act(xs, ws, bs, rm, rv, rs, training=True)
+        grads = torch.autograd.grad(out, (xs, ws, bs, rs), grad_out.to(out.dtype))
+        results[name] = dict(out=out, grad_x=grads[0], grad_weight=grads[1], grad_bias=grads[2],
+                             grad_residual=grads[3], running_mean=rm, running_var=rv)
+
+    for key in ("out", "grad_x", "grad_residual"):
+        assert_parity(torch.cat([r[key] for r in ranks]), results["torch"][key], results["oracle"][key], what=key)
+    for key in ("grad_weight", "grad_bias"):  # local contributions: DDP sums (averages) them
+        assert_parity(sum(r[key] for r in ranks), results["torch"][key], results["oracle"][key], what=key)
+    for key in ("running_mean", "running_var"):
+        for r in ranks:
+            assert_parity(r[key], results["torch"][key], results["oracle"][key], what=key)
+
+
+def test_process_group_needs_initialized_distributed():
+    x, weight, bias, running_mean, running_var, _ = bn_sample(CASE)
+    with pytest.raises(RuntimeError, match="initialized torch.distributed process group"):
+        rf.bn_act(x, weight, bias, running_mean, running_var, training=True, process_group=object())
