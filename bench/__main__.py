@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 import resnet_fused as rf
 
-from . import bn, conv, memory, report
+from . import bn, conv, memory, plots, report
+from .ceilings import measure_ceilings
 from resnet_fused.shapes import RESNET50_CONVS
 
 # --quick: one shape of each kind, small enough for a CPU in seconds.
@@ -71,8 +72,11 @@ def main(argv=None) -> int:
     compile_modes = args.compile_modes if args.compile_modes is not None else (
         ["default", "max-autotune"] if device.type == "cuda" else [])
     env = report.environment(device)
+    env["ceilings"] = measure_ceilings(device, dtype, args.quick)
     print(f"{env['device']} | torch {env['torch']} | {str(dtype)[6:]} | batch {batch} | "
           f"compile: {', '.join(compile_modes) or 'none'}")
+    print(f"ceilings: {env['ceilings']['copy_gbps']:.0f} GB/s ({env['ceilings']['copy_what']}), "
+          f"{env['ceilings']['matmul_tflops']:.1f} TFLOP/s ({env['ceilings']['matmul_what']})")
 
     # (op, shape name, function returning its rows)
     jobs = []
@@ -104,6 +108,7 @@ def main(argv=None) -> int:
         channels, size = (64, 14) if args.quick else (64, 56)
         memory_rows = memory.run(batch, channels, size, dtype, device, memory_backends)
     paths = report.write(args.out, env, rows, memory_rows)
+    paths += plots.write(args.out, env, rows)
     print()
     print(report.markdown(env, rows, memory_rows))
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -85,6 +85,12 @@ def geometric_means(entries: list[dict]) -> list[dict]:
     return means
 
 
+def ceiling_for(env: dict, unit: str) -> tuple[float, str]:
+    """(value, description) of the measured ceiling a throughput in `unit` is a fraction of."""
+    c = env["ceilings"]
+    return (c["matmul_tflops"], c["matmul_what"]) if unit == "TFLOP/s" else (c["copy_gbps"], c["copy_what"])
+
+
 def _ratio(entry: dict, key: str) -> str:
     return f"{entry[key]:.2f}x" if key in entry else ""
 
@@ -110,19 +116,23 @@ def markdown(env: dict, rows: list[dict], memory_rows: list[dict] = ()) -> str:
         "",
         f"torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}, {env['date']}, "
         f"commit {env['git_commit']}",
+        "",
+        f"Ceilings measured in this run: {env['ceilings']['copy_gbps']:.0f} GB/s ({env['ceilings']['copy_what']}), "
+        f"{env['ceilings']['matmul_tflops']:.1f} TFLOP/s ({env['ceilings']['matmul_what']}).",
     ]
     for op in dict.fromkeys(row["op"] for row in rows):
         op_rows = [row for row in rows if row["op"] == op]
         unit = op_rows[0]["throughput_unit"]
-        lines += ["", f"## {op}", "", f"| shape | provider | median ms | {unit} | vs eager | vs conv alone |",
-                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        ceiling = ceiling_for(env, unit)
+        lines += ["", f"## {op}", "", f"| shape | provider | median ms | {unit} | of {ceiling[1]} | vs eager | vs conv alone |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for row in op_rows:
             if row["status"] != "ok":
-                lines.append(f"| {row['shape']} | {row['provider']} | wrong result, not timed | | | |")
+                lines.append(f"| {row['shape']} | {row['provider']} | wrong result, not timed | | | | |")
                 continue
             e = speed.get((op, row["shape"], row["provider"]), {})
             lines.append(f"| {row['shape']} | {row['provider']} | {row['median_ms']:.3f} | {row['throughput']:.2f} | "
-                         f"{_ratio(e, 'vs_eager')} | {_ratio(e, 'vs_conv_alone')} |")
+                         f"{row['throughput'] / ceiling[0]:.0%} | {_ratio(e, 'vs_eager')} | {_ratio(e, 'vs_conv_alone')} |")
     lines += ["", "Geometric mean over the shapes:", "", "| op | provider | vs eager | vs conv alone |",
               "| --- | --- | ---: | ---: |"]
     for mean in geometric_means(entries):

@@ -45,6 +45,9 @@ def test_quick_run_writes_json_and_markdown(quick_run):
     memory = results["memory"]
     assert {row["provider"] for row in memory} >= {"eager", "fused:reference"}
     assert all(row["saved_bytes"] > 0 for row in memory)
+    for op in ("conv_bn_act", "bn_act.forward", "bn_act.forward_backward"):
+        assert (out / f"{op}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert env["ceilings"]["copy_gbps"] > 0 and env["ceilings"]["matmul_tflops"] > 0
     markdown = (out / "results.md").read_text()
     assert "## conv_bn_act" in markdown and "## bn_act.forward" in markdown and "activation memory" in markdown
 
