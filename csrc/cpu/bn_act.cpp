@@ -64,12 +64,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act(
     opmath_t* invstd = save_invstd.data_ptr<opmath_t>();
     if (training && count > 0) {
       const auto sums = reduce_per_channel<1>(
-          view, [&](int64_t i, int64_t, double* acc) { acc[0] += static_cast<double>(xp[i]); });
+          view, [&](int64_t i, int64_t) { return std::array<double, 1>{static_cast<double>(xp[i])}; });
       std::vector<double> mean_d(channels);
       for (int64_t c = 0; c < channels; ++c) mean_d[c] = sums[c] / count;
-      const auto squares = reduce_per_channel<1>(view, [&](int64_t i, int64_t c, double* acc) {
+      const auto squares = reduce_per_channel<1>(view, [&](int64_t i, int64_t c) {
         const double d = static_cast<double>(xp[i]) - mean_d[c];
-        acc[0] += d * d;
+        return std::array<double, 1>{d * d};
       });
       // Running statistics exactly as F.batch_norm updates them: unbiased variance.
       at::Tensor updated_mean = running_mean.to(at::kDouble).contiguous();
@@ -151,17 +151,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
       return relu && !(static_cast<opmath_t>(yp[i]) > opmath_t(0)) ? opmath_t(0) : g;
     };
     // One pass for both reductions: sum(g) and sum(g * xhat).
-    const auto sums = reduce_per_channel<2>(view, [&](int64_t i, int64_t c, double* acc) {
+    const auto sums = reduce_per_channel<2>(view, [&](int64_t i, int64_t c) {
       const double g = masked(i);
-      acc[0] += g;
-      acc[1] += g * (static_cast<double>(xp[i]) - mean[c]) * invstd[c];
+      return std::array<double, 2>{g, g * (static_cast<double>(xp[i]) - mean[c]) * invstd[c]};
     });
     std::vector<opmath_t> mean_g(channels), mean_gxhat(channels);
     for (int64_t c = 0; c < channels; ++c) {
-      grad_bias.data_ptr<double>()[c] = sums[2 * c];
-      grad_weight.data_ptr<double>()[c] = sums[2 * c + 1];
-      mean_g[c] = training && count > 0 ? static_cast<opmath_t>(sums[2 * c] / count) : opmath_t(0);
-      mean_gxhat[c] = training && count > 0 ? static_cast<opmath_t>(sums[2 * c + 1] / count) : opmath_t(0);
+      const double sum_g = sums[c], sum_gxhat = sums[channels + c];
+      grad_bias.data_ptr<double>()[c] = sum_g;
+      grad_weight.data_ptr<double>()[c] = sum_gxhat;
+      mean_g[c] = training && count > 0 ? static_cast<opmath_t>(sum_g / count) : opmath_t(0);
+      mean_gxhat[c] = training && count > 0 ? static_cast<opmath_t>(sum_gxhat / count) : opmath_t(0);
     }
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
     scalar_t* gpp = grad_pre.data_ptr<scalar_t>();

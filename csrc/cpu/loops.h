@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -39,29 +40,51 @@ void for_each_element(const ChannelView& v, const Body& body) {
   }
 }
 
-// Per-channel sums in double of kTerms quantities: body(offset, channel, acc) adds into acc[0..kTerms).
-// Returns C * kTerms sums, channel-major. Channels are split into blocks that are reduced
-// independently, so the result does not depend on the thread count.
-template <int kTerms, typename Body>
-std::vector<double> reduce_per_channel(const ChannelView& v, const Body& body) {
-  constexpr int64_t kBlock = 16;  // channels per task: one 64-byte line of fp32 in NHWC
-  std::vector<double> sums(v.c * kTerms, 0.0);
-  const int64_t blocks = (v.c + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t c0 = block * kBlock, c1 = std::min(v.c, c0 + kBlock);
-      double* acc = sums.data() + c0 * kTerms;
-      for (int64_t n = 0; n < v.n; ++n) {
-        if (v.channels_last()) {
-          for (int64_t s = 0; s < v.s; ++s)
-            for (int64_t c = c0; c < c1; ++c) body(v.offset(n, c, s), c, acc + (c - c0) * kTerms);
-        } else {
-          for (int64_t c = c0; c < c1; ++c)
-            for (int64_t s = 0; s < v.s; ++s) body(v.offset(n, c, s), c, acc + (c - c0) * kTerms);
+// Per-channel sums in double of kTerms quantities: term(offset, channel) returns the element's
+// std::array<double, kTerms>. Returns the sums term-major: sums[k * C + c]. Work is split into pieces
+// fixed by the shape alone (row chunks in NHWC, (n, c) planes in NCHW), each swept in storage order,
+// and their partial sums are combined in a fixed order: the result does not depend on the thread count.
+template <int kTerms, typename Term>
+std::vector<double> reduce_per_channel(const ChannelView& v, const Term& term) {
+  const int64_t width = v.c * kTerms;
+  std::vector<double> sums(width, 0.0);
+  if (v.channels_last()) {
+    const int64_t rows = v.n * v.s;
+    const int64_t chunks = std::clamp<int64_t>(rows * v.c / kGrainSize, 1, 64);
+    const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+    std::vector<double> partial(chunks * width, 0.0);
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        double* acc = partial.data() + chunk * width;  // term-major, so the channel loop vectorizes
+        const int64_t last = std::min(rows, (chunk + 1) * rows_per_chunk);
+        for (int64_t row = chunk * rows_per_chunk; row < last; ++row) {
+          for (int64_t c = 0; c < v.c; ++c) {
+            const auto values = term(row * v.c + c, c);
+            for (int k = 0; k < kTerms; ++k) acc[k * v.c + c] += values[k];
+          }
         }
       }
-    }
-  });
+    });
+    for (int64_t chunk = 0; chunk < chunks; ++chunk)
+      for (int64_t i = 0; i < width; ++i) sums[i] += partial[chunk * width + i];
+  } else {
+    const int64_t planes = v.n * v.c;
+    std::vector<double> partial(planes * kTerms, 0.0);
+    at::parallel_for(0, planes, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(v.s, 1)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t plane = begin; plane < end; ++plane) {
+                         const int64_t c = plane % v.c;
+                         std::array<double, kTerms> acc{};
+                         for (int64_t s = 0; s < v.s; ++s) {
+                           const auto values = term(plane * v.s + s, c);
+                           for (int k = 0; k < kTerms; ++k) acc[k] += values[k];
+                         }
+                         for (int k = 0; k < kTerms; ++k) partial[plane * kTerms + k] = acc[k];
+                       }
+                     });
+    for (int64_t plane = 0; plane < planes; ++plane)
+      for (int k = 0; k < kTerms; ++k) sums[k * v.c + plane % v.c] += partial[plane * kTerms + k];
+  }
   return sums;
 }
 
