@@ -24,11 +24,12 @@ _CUDA_AVAILABLE = torch.cuda.is_available()
 # (op, backend) -> whether that backend has a kernel for the op; filled by refresh_kernel_table() once
 # every op is registered, so a call only does dictionary lookups (cheap, and traceable by torch.compile).
 _KERNELS: dict[tuple[str, str], bool] = {}
+
 OPS = ("conv_bn_act", "bn_act", "add_act")
 
 # Dtypes a backend's kernel takes, where that is not every floating dtype.
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # tl.dot has no float64
-_DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {("conv_bn_act", "triton"): _TRITON_DTYPES}
+_DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {(op, "triton"): _TRITON_DTYPES for op in OPS}
 
 # The stack of `use_backend` defaults; a plain list because torch.compile cannot trace ContextVar.get.
 _DEFAULT_STACK: list[str] = []

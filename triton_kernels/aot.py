@@ -1,14 +1,17 @@
-"""Ahead-of-time compile checks for the Triton conv kernels, without a GPU.
+"""Ahead-of-time compile checks for the Triton kernels, without a GPU.
 
-Every autotune config of every kernel in ``conv_bn_act.KERNELS`` is compiled with
-``triton.compile`` for sm_80 (A100) and sm_90 (H100/H200), for each dtype, on representative
-ResNet-50 specializations (``CASES``).  For each compile we report:
+Every autotune config of every kernel in ``conv_bn_act.KERNELS`` (``--family conv``, the default)
+and ``bn_act.KERNELS`` (``--family bn``: BatchNorm + add + ReLU forward and backward, add + ReLU;
+``--family all`` for both) is compiled with ``triton.compile`` for sm_80 (A100) and sm_90
+(H100/H200), for each dtype, on representative ResNet-50 specializations (``default_cases()``,
+``bn_cases()``).  For each compile we report:
 
 * ``mma``: the tensor-core instruction family found in the PTX: ``wgmma`` (Hopper warpgroup MMA),
   ``mma.sync`` (Ampere-style MMA, also used on Hopper when a tile cannot use wgmma), or ``none``;
 * ``tensor_cores``: whether the kernel uses the arch's expected one (``mma.sync`` on sm_80,
-  ``wgmma`` on sm_90); always False for the depthwise kernel (no tl.dot) and for fp32 with
-  ``input_precision="ieee"`` (FMA path, by design; see conv_bn_act.py);
+  ``wgmma`` on sm_90); always False for the depthwise kernel and the bn_act kernels (no tl.dot:
+  bandwidth-bound) and for fp32 with ``input_precision="ieee"`` (FMA path, by design; see
+  conv_bn_act.py);
 * ``reg`` / ``stack`` / ``local``: from ``cuobjdump -res-usage`` on the cubin (Triton ships
   cuobjdump).  Register spills show up as ``STACK`` (the per-thread stack frame), not ``LOCAL``
   (checked: a kernel with ``STACK:8 LOCAL:0`` had "8 bytes spill stores" in ``ptxas -v``);
@@ -60,9 +63,15 @@ def _nhwc_strides(n, c, h, w):
 class Case:
     """One representative specialization of a kernel: its runtime ints and constexprs."""
     name: str
-    kernel: str  # key of conv_bn_act.KERNELS
-    ints: dict  # non-pointer runtime arguments, by name
+    kernel: str  # key of conv_bn_act.KERNELS or bn_act.KERNELS
+    ints: dict  # non-pointer runtime arguments, by name (floats for fp32 arguments)
     constexprs: dict  # constexpr arguments except the tile sizes (those come from the config)
+    # pointer arguments whose element type is not the compile's dtype (e.g. fp32 statistics)
+    ptr_dtypes: dict = dataclasses.field(default_factory=dict)
+    # compile only the first N configs (variants of a kernel already covered in full elsewhere)
+    config_limit: int | None = None
+    # compile only for these dtypes (kernels whose pointers are all fp32 whatever the model's)
+    only_dtypes: tuple | None = None
 
 
 def _gemm_case(name, n, c_in, h, c_out, k, s, p, d=1, groups=1, res=True, index_64=None):
@@ -112,6 +121,119 @@ def default_cases():
     ]
 
 
+# bn_act.py: the BatchNorm(+add)+ReLU kernels and add_act.  Activations in the compile's dtype,
+# everything else (parameters, running and saved statistics, workspace) fp32: the usual mixed
+# precision setup (fp32 BN parameters under autocast), and what fp32 runs use anyway.
+_BN_FP32_PTRS = ("ws_ptr", "w_ptr", "b_ptr", "rm_ptr", "rv_ptr", "mean_ptr", "var_ptr",
+                 "invstd_ptr", "save_mean_ptr", "save_invstd_ptr", "new_rm_ptr", "new_rv_ptr",
+                 "gw_ptr", "gb_ptr")
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK_P", "BLOCK_C", "BLOCK")
+
+
+def _bn_view_ints(n, c, h, nhwc):
+    """The (N_OUTER, R, C, strides) runtime ints of bn_act.py's view of an (n, c, h, h) tensor."""
+    s = h * h
+    if nhwc:
+        return dict(N_OUTER=1, R=n * s, C=c, stride_o=0, stride_r=c, stride_c=1)
+    return dict(N_OUTER=n, R=s, C=c, stride_o=c * s, stride_r=1, stride_c=s)
+
+
+def _bn_case(name, kernel, n, c, h, nhwc, config_limit=None, index_64=False, **constexprs):
+    from .bn_act import MAX_PARTIALS
+    ints = _bn_view_ints(n, c, h, nhwc)
+    if kernel in ("bn_stats", "bn_bwd_reduce"):
+        ints["P_STRIDE"] = MAX_PARTIALS * c
+    if kernel == "bn_apply":
+        ints["eps"] = 1e-5
+    cx = dict(CL=nhwc, INDEX_64=index_64, **constexprs)
+    return Case(name, kernel, ints, cx, ptr_dtypes=dict.fromkeys(_BN_FP32_PTRS, "fp32"),
+                config_limit=config_limit)
+
+
+def bn_cases():
+    """Representative specializations of every bn_act.py kernel at batch 32 (ResNet-50 layer-1
+    sizes: C=256 at 56x56, so that no config is clamped by the problem): every config of every
+    kernel in NHWC (the fast path) and NCHW (H*W = 3136, a multiple of 16: vector loads), in
+    training with ReLU and residual (the most code); on their first config, the eval variants,
+    the 7x7 NCHW plane (49 pixels: no vector loads, capped tiles) and int64 lane offsets; the
+    finalize kernels (fp32 pointers only: compiled once per arch) and add_act."""
+    big = dict(n=32, c=256, h=56)
+    cases = []
+    for nhwc, fmt in ((True, "nhwc"), (False, "nchw")):
+        cases += [
+            _bn_case(f"stats_{fmt}", "bn_stats", **big, nhwc=nhwc),
+            _bn_case(f"apply_train_{fmt}", "bn_apply", **big, nhwc=nhwc, HAS_RES=True, RELU=True,
+                     EVAL=False),
+            _bn_case(f"bwd_reduce_train_{fmt}", "bn_bwd_reduce", **big, nhwc=nhwc, RELU=True,
+                     EVAL=False),
+            _bn_case(f"bwd_apply_{fmt}", "bn_bwd_apply", **big, nhwc=nhwc),
+            _bn_case(f"apply_eval_{fmt}", "bn_apply", **big, nhwc=nhwc, config_limit=1,
+                     HAS_RES=True, RELU=True, EVAL=True),
+            _bn_case(f"bwd_reduce_eval_{fmt}", "bn_bwd_reduce", **big, nhwc=nhwc, config_limit=1,
+                     RELU=True, EVAL=True),
+        ]
+    seven = dict(n=32, c=2048, h=7, nhwc=False, config_limit=1)
+    cases += [
+        _bn_case("stats_nchw_7x7", "bn_stats", **seven),
+        _bn_case("apply_nchw_7x7", "bn_apply", **seven, HAS_RES=True, RELU=True, EVAL=False),
+        _bn_case("bwd_reduce_nchw_7x7", "bn_bwd_reduce", **seven, RELU=True, EVAL=False),
+        _bn_case("bwd_apply_nchw_7x7", "bn_bwd_apply", **seven),
+    ]
+    i64 = dict(n=32, c=256, h=56, nhwc=True, config_limit=1, index_64=True)
+    cases += [
+        _bn_case("stats_i64", "bn_stats", **i64),
+        _bn_case("apply_i64", "bn_apply", **i64, HAS_RES=True, RELU=True, EVAL=False),
+        _bn_case("bwd_reduce_i64", "bn_bwd_reduce", **i64, RELU=True, EVAL=False),
+        _bn_case("bwd_apply_i64", "bn_bwd_apply", **i64),
+    ]
+    fp32_ptrs = dict.fromkeys(_BN_FP32_PTRS, "fp32")
+    cases += [
+        Case("stats_finalize", "bn_stats_finalize",
+             dict(C=256, P_STRIDE=1024 * 256, count=100352.0, momentum=0.1, eps=1e-5), {},
+             ptr_dtypes=fp32_ptrs, only_dtypes=("fp32",)),
+        Case("bwd_finalize", "bn_bwd_finalize", dict(C=256, P_STRIDE=1024 * 256, count=100352.0),
+             {}, ptr_dtypes=dict(fp32_ptrs, gw_ptr="fp32", gb_ptr="fp32"),
+             only_dtypes=("fp32",)),
+        Case("add_act", "add_act", dict(numel=32 * 256 * 56 * 56), dict(RELU=True)),
+    ]
+    return cases
+
+
+def _bn_configs_for(case: Case, dtype: str):
+    """bn_act.kernel_configs for the case and dtype, without configs that differ only in SPLIT (a
+    grid parameter: same code), cut to ``case.config_limit``."""
+    from . import bn_act
+    out, seen = [], set()
+    elem_size = 4 if dtype == "fp32" else 2
+    for c in bn_act.kernel_configs(case.kernel, case.ints, case.constexprs, elem_size):
+        key = (tuple(sorted((k, v) for k, v in c.kwargs.items() if k != "SPLIT")), c.num_warps,
+               c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out[:case.config_limit] if case.config_limit else out
+
+
+def _bn_kernel_names():
+    from . import bn_act
+    return bn_act.KERNELS
+
+
+def _kernel_fn(name: str):
+    """The raw @triton.jit function of a kernel name of either family."""
+    from . import bn_act, conv_bn_act
+    if name in bn_act.KERNELS:
+        return bn_act.KERNELS[name]
+    return conv_bn_act.KERNELS[name][0]
+
+
+def all_cases():
+    return default_cases() + bn_cases()
+
+
+FAMILIES = {"conv": default_cases, "bn": bn_cases, "all": all_cases}
+
+
 # ----------------------------------------------------------------------------------------------
 def _require_compiled_mode():
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -127,10 +249,12 @@ def _signature(fn, case: Case, dtype: str, tile: dict):
     sig, cx, attrs = {}, {}, {}
     for idx, name in enumerate(fn.arg_names):
         if name.endswith("_ptr"):
-            sig[name] = "*" + _TORCH_TO_TRITON[dtype]
+            sig[name] = "*" + _TORCH_TO_TRITON[case.ptr_dtypes.get(name, dtype)]
             attrs[(idx,)] = BaseBackend.parse_attr("D")
         elif name in case.ints:
-            ty, spec = native_specialize_impl(BaseBackend, int(case.ints[name]), False, True, True)
+            value = case.ints[name]
+            value = value if isinstance(value, float) else int(value)
+            ty, spec = native_specialize_impl(BaseBackend, value, False, True, True)
             sig[name] = ty
             if ty == "constexpr":
                 cx[name] = spec
@@ -190,7 +314,10 @@ def _res_usage(cubin: bytes) -> dict:
 
 def configs_for(case: Case, arch: int, dtype: str):
     """The configs the autotuner would try for this case on this arch and dtype."""
+    from . import bn_act
     from . import conv_bn_act as mod
+    if case.kernel in bn_act.KERNELS:
+        return _bn_configs_for(case, dtype)
     if case.kernel == "conv_depthwise":
         return list(mod.DW_CONFIGS)
     i = case.ints
@@ -207,9 +334,7 @@ def compile_one(case: Case, arch: int, dtype: str, config_index: int, tile: dict
     from triton import knobs
     from triton.backends.compiler import GPUTarget
 
-    from . import conv_bn_act as mod
-
-    fn, _ = mod.KERNELS[case.kernel]
+    fn = _kernel_fn(case.kernel)
     row = dict(kernel=case.kernel, case=case.name, arch=arch, dtype=dtype, config=config_index,
                tile=dict(tile), num_warps=num_warps, num_stages=num_stages)
     t0 = time.perf_counter()
@@ -246,6 +371,8 @@ def jobs(archs=ARCHS, dtypes=DTYPES, cases=None):
     for case in cases or default_cases():
         for arch in archs:
             for dtype in dtypes:
+                if case.only_dtypes and dtype not in case.only_dtypes:
+                    continue
                 for i, c in enumerate(configs_for(case, arch, dtype)):
                     out.append((case, arch, dtype, i, dict(c.kwargs), c.num_warps, c.num_stages))
     return out
@@ -273,6 +400,8 @@ def compile_all(archs=ARCHS, dtypes=DTYPES, workers=None, cases=None) -> list[di
 
 def _cost(job):
     case, _, dtype, _, tile, warps, _ = job
+    if case.kernel in _bn_kernel_names():
+        return tile.get("BLOCK_R", 1) * tile.get("BLOCK_C", 1) * tile.get("BLOCK", 1) // 64
     return tile.get("BLOCK_M", 1) * tile.get("BLOCK_N", tile.get("BLOCK_C", 1)) * (
         2 if dtype == "fp32" else 1)
 
@@ -284,7 +413,7 @@ def format_table(rows) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         t = r["tile"]
-        tile = "x".join(str(t[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C") if k in t)
+        tile = "x".join(str(t[k]) for k in _TILE_KEYS if k in t)
         if t.get("EPI_SPLIT", 1) > 1:
             tile += f"/e{t['EPI_SPLIT']}"
         if r["ok"]:
@@ -312,8 +441,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--archs", default=",".join(map(str, ARCHS)), help="e.g. 80,90")
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="e.g. bf16,fp16,fp32")
+    ap.add_argument("--family", default="conv", choices=sorted(FAMILIES),
+                    help="kernel family: conv (conv_bn_act.py, the default), bn (bn_act.py), all")
     ap.add_argument("--cases", default=None,
-                    help="comma-separated case names (default: all of default_cases())")
+                    help="comma-separated case names (default: all of the family's cases)")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--cache-dir", help="TRITON_CACHE_DIR for the compiles (e.g. an empty folder "
@@ -322,7 +453,7 @@ def main(argv=None):
     if a.cache_dir:
         os.environ["TRITON_CACHE_DIR"] = a.cache_dir  # inherited by the spawned workers
     t0 = time.perf_counter()
-    cases = default_cases()
+    cases = FAMILIES[a.family]()
     if a.cases:
         cases = [c for c in cases if c.name in a.cases.split(",")]
     rows = compile_all(tuple(int(v) for v in a.archs.split(",")), tuple(a.dtypes.split(",")),

@@ -124,9 +124,16 @@ def _setup_context(ctx, inputs, output):
     ctx.training, ctx.relu = training, relu
 
 
-def _backward(ctx, grad_out, *unused_grads):
+def _backward_with(backward_op):
+    """The autograd backward of a bn_act op whose gradient kernel is `backward_op` (same backend)."""
+    def backward(ctx, grad_out, *unused_grads):
+        return _backward(ctx, grad_out, backward_op)
+    return backward
+
+
+def _backward(ctx, grad_out, backward_op):
     x, weight, save_mean, save_invstd, out = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias, grad_pre = torch.ops.resnet_fused.bn_act_backward(
+    grad_x, grad_weight, grad_bias, grad_pre = backward_op(
         grad_out, out, x, weight, save_mean, save_invstd, ctx.training, ctx.relu
     )
     need_x, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
@@ -143,15 +150,17 @@ def _no_double_backward(ctx, *grads):
     raise NotImplementedError("bn_act: double backward (a gradient of the gradient) is not supported")
 
 
-def register_formulas(qualname: str) -> None:
-    """Fake kernel and autograd for a bn_act op (the C++ one or a backend's custom op)."""
+def register_formulas(qualname: str, backward_qualname: str) -> None:
+    """Fake kernels and autograd for a bn_act op and its gradient op (the C++ pair or a backend's
+    custom ops): the gradient op's result is the bn_act op's backward."""
+    namespace, name = backward_qualname.split("::")
     torch.library.register_fake(qualname)(_fake)
-    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+    torch.library.register_autograd(qualname, _backward_with(getattr(getattr(torch.ops, namespace), name)),
+                                    setup_context=_setup_context)
+    torch.library.register_fake(backward_qualname)(_fake_backward)
+    torch.library.register_autograd(backward_qualname, _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
 
 
 if library_loaded("_C"):
-    register_formulas("resnet_fused::bn_act")
-    torch.library.register_fake("resnet_fused::bn_act_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "resnet_fused::bn_act_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
-    )
+    register_formulas("resnet_fused::bn_act", "resnet_fused::bn_act_backward")

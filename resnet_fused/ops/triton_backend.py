@@ -10,12 +10,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._layout import empty_output
-from .conv_bn_act import conv_output_shape, register_formulas
+from ._layout import empty_output, output_memory_format
+from .add_act import register_formulas as register_add_act_formulas
+from .bn_act import register_formulas as register_bn_act_formulas
+from .conv_bn_act import conv_output_shape
+from .conv_bn_act import register_formulas as register_conv_bn_act_formulas
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
+def _dense_as(x: Tensor, t: Optional[Tensor]) -> Optional[Tensor]:
+    """t contiguous in x's output memory format: the BN kernels take every activation in one layout."""
+    return None if t is None else t.contiguous(memory_format=output_memory_format(x))
+
+
 if TRITON_INSTALLED:
+    from ..triton_kernels import bn_act as bn_kernels
     from ..triton_kernels import conv_bn_act as conv_kernels
 
     @torch.library.custom_op("resnet_fused::conv_bn_act_triton", mutates_args=())
@@ -25,4 +34,35 @@ if TRITON_INSTALLED:
         out = empty_output(x, conv_output_shape(x, weight, stride, padding, dilation))
         return conv_kernels.conv_bn_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, out)
 
-    register_formulas("resnet_fused::conv_bn_act_triton")
+    register_conv_bn_act_formulas("resnet_fused::conv_bn_act_triton")
+
+    @torch.library.custom_op("resnet_fused::bn_act_triton", mutates_args=())
+    def bn_act_triton(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], running_mean: Tensor,
+                      running_var: Tensor, training: bool, momentum: float, eps: float,
+                      relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        x = _dense_as(x, x)
+        out = empty_output(x, x.shape)
+        stats = bn_kernels.bn_act_forward(x, weight, bias, _dense_as(x, residual), running_mean, running_var,
+                                          training, momentum, eps, relu, out)
+        return (out, *stats)
+
+    @torch.library.custom_op("resnet_fused::bn_act_backward_triton", mutates_args=())
+    def bn_act_backward_triton(grad_out: Tensor, out: Tensor, x: Tensor, weight: Tensor, save_mean: Tensor,
+                               save_invstd: Tensor, training: bool,
+                               relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        x = _dense_as(x, x)
+        grad_x, grad_pre = empty_output(x, x.shape), empty_output(x, x.shape)
+        grad_weight, grad_bias = bn_kernels.bn_act_backward(
+            _dense_as(x, grad_out), _dense_as(x, out), x, weight, save_mean, save_invstd, training, relu,
+            grad_x, grad_pre)
+        return grad_x, grad_weight, grad_bias, grad_pre
+
+    register_bn_act_formulas("resnet_fused::bn_act_triton", "resnet_fused::bn_act_backward_triton")
+
+    @torch.library.custom_op("resnet_fused::add_act_triton", mutates_args=())
+    def add_act_triton(x: Tensor, residual: Tensor, relu: bool) -> Tensor:
+        x = _dense_as(x, x) if x.dim() == 4 else x.contiguous()
+        residual = _dense_as(x, residual) if x.dim() == 4 else residual.contiguous()
+        return bn_kernels.add_act(x, residual, relu, empty_output(x, x.shape))
+
+    register_add_act_formulas("resnet_fused::add_act_triton")
