@@ -88,6 +88,17 @@ BN_CASES = [
 ]
 
 
+# (x dtype, BN parameter dtype): same dtype, and float32 parameters with a low-precision x as under autocast.
+BN_DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+]
+BN_DTYPE_IDS = [f"{str(x)[6:]}-{str(p)[6:]}" for x, p in BN_DTYPES]
+
+
 def bn_sample(case: BNCase, dtype=torch.float32, device="cpu", memory_format="nchw", requires_grad=False,
               param_dtype=None):
     """(x, weight, bias, running_mean, running_var, residual); the running stats are never zero-mean/unit-var

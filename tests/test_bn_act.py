@@ -1,21 +1,14 @@
 import pytest
 import torch
-from samples import BN_CASES, MEMORY_FORMATS, BNCase, assert_parity, backends_for, bn_sample, skip_unless_runs, to_float64
+from samples import (BNCase, BN_CASES, BN_DTYPES, BN_DTYPE_IDS, MEMORY_FORMATS, assert_parity, backends_for,
+                     bn_sample, skip_unless_runs, to_float64)
 
 import resnet_fused as rf
 from resnet_fused import reference
 
 BACKENDS = ["reference", "cpu", "cuda", "triton"]
 CASE_IDS = [c.name for c in BN_CASES]
-# (x dtype, parameter dtype): same dtype, and fp32 parameters with a low-precision x as under autocast.
-DTYPES = [
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float32),
-]
-DTYPE_IDS = [f"{str(x)[6:]}-{str(p)[6:]}" for x, p in DTYPES]
+DTYPES, DTYPE_IDS = BN_DTYPES, BN_DTYPE_IDS
 
 
 def call(fn, sample, case, training, **kwargs):
@@ -84,16 +77,17 @@ def test_gradcheck_float64(case, backend, training):
     assert torch.autograd.gradcheck(fn, (x, weight, bias, residual))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)  # float64: .to() may alias
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
 @pytest.mark.parametrize("case", BN_CASES, ids=CASE_IDS)
-def test_opcheck(case, memory_format, training, requires_grad, device):
+def test_opcheck(case, memory_format, training, requires_grad, dtype, device):
     if "cpu" not in backends_for("bn_act", "cpu"):
         pytest.skip("the C++ library is not loaded")
     if training and case.shape[0] * case.shape[2] * case.shape[3] == 1:
         pytest.skip("one value per channel cannot train")
-    x, weight, bias, running_mean, running_var, residual = bn_sample(case, torch.float32, device, memory_format, requires_grad)
+    x, weight, bias, running_mean, running_var, residual = bn_sample(case, dtype, device, memory_format, requires_grad)
     args = (x, weight, bias, residual, running_mean, running_var, training, 0.1, 1e-5, case.relu)
     torch.library.opcheck(torch.ops.resnet_fused.bn_act.default, args)
     out, save_mean, save_invstd, _, _ = (t.detach() for t in torch.ops.resnet_fused.bn_act(*args))

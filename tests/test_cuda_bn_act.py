@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from samples import BN_CASES, MEMORY_FORMATS, BNCase, assert_parity, bn_sample, to_float64
+from samples import (BNCase, BN_CASES, BN_DTYPES, BN_DTYPE_IDS, MEMORY_FORMATS, assert_parity, bn_sample,
+                     to_float64)
 
 import resnet_fused as rf
 from resnet_fused import reference
@@ -201,14 +202,7 @@ def test_empty_batch_has_no_tiles():
 # ------------------------------------------------------------------------------------------------------
 # On the GPU
 
-DTYPES = [
-    (torch.float32, torch.float32),
-    (torch.float16, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),
-    (torch.float64, torch.float64),
-]
-DTYPE_IDS = [f"{str(x)[6:]}-{str(p)[6:]}" for x, p in DTYPES]
+DTYPES, DTYPE_IDS = BN_DTYPES, BN_DTYPE_IDS
 
 
 def call(fn, sample, training, relu, **kwargs):

@@ -72,8 +72,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act(
         return std::array<double, 1>{d * d};
       });
       // Running statistics exactly as F.batch_norm updates them: unbiased variance.
-      at::Tensor updated_mean = running_mean.to(at::kDouble).contiguous();
-      at::Tensor updated_var = running_var.to(at::kDouble).contiguous();
+      // Copies (copy=true): for float64 statistics .to() would return the inputs themselves.
+      at::Tensor updated_mean = running_mean.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
+      at::Tensor updated_var = running_var.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
       double* rm = updated_mean.data_ptr<double>();
       double* rv = updated_var.data_ptr<double>();
       for (int64_t c = 0; c < channels; ++c) {
