@@ -1,0 +1,102 @@
+"""rf.fuse: turns an existing torchvision or timm ResNet (or any model holding their blocks) into the
+fused one, keeping its very parameters and buffers."""
+import copy
+import sys
+
+import torch.distributed as dist
+from torch import nn
+
+from .models.resnet import ResNet
+from .nn.blocks import BasicBlock, Bottleneck
+from .nn.fused import FusedModule, init_fused_state, is_fusable_conv, is_fusable_norm
+
+
+def fuse(model: nn.Module, backend: str | None = None, inplace: bool = False) -> nn.Module:
+    """Returns `model` with every block it knows replaced by its fused counterpart:
+
+    - torchvision.models.resnet.BasicBlock / Bottleneck -> rf.nn.BasicBlock / Bottleneck;
+    - timm.models.resnet.BasicBlock / Bottleneck -> the same, when the block is a plain ResNet block
+      (ReLU activations; no attention, anti-aliasing, DropBlock or drop path);
+    - torchvision.models.ResNet itself -> rf.models.ResNet (the stem conv + BN + ReLU fused too).
+
+    A block qualifies when its convs are nn.Conv2d with zero padding and its norms nn.BatchNorm2d or
+    nn.SyncBatchNorm; anything else, and every module of another class (a subclass included, since it
+    may change forward), is left alone. The fused module takes over the original's modules and
+    attributes as they are, so the weights, train/eval state, device, dtype, memory format, state_dict
+    keys and hooks stay; a block with SyncBatchNorm keeps synchronizing across its process group.
+    `backend` is set on every fused module (existing ones included when it is not None).
+    `inplace=False` converts a deep copy; with `inplace=True` the children are replaced in place,
+    but a replaced root is a new object: use the returned model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    return _convert(model, backend, _known_classes())
+
+
+def _known_classes() -> dict[type, tuple]:
+    """class -> (fused class, conv/BN names, kind). Only libraries already imported are looked at: a
+    model of one of their classes means its module is loaded, and fuse() imports nothing."""
+    known = {}
+    tv = sys.modules.get("torchvision.models.resnet")
+    if tv is not None:
+        known[tv.BasicBlock] = (BasicBlock, ("conv1", "bn1", "conv2", "bn2"), "torchvision")
+        known[tv.Bottleneck] = (Bottleneck, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"), "torchvision")
+        known[tv.ResNet] = (ResNet, ("conv1", "bn1"), "torchvision")
+    timm = sys.modules.get("timm.models.resnet")
+    if timm is not None:
+        known[timm.BasicBlock] = (BasicBlock, ("conv1", "bn1", "conv2", "bn2"), "timm")
+        known[timm.Bottleneck] = (Bottleneck, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"), "timm")
+    return known
+
+
+def _convert(module: nn.Module, backend: str | None, known: dict) -> nn.Module:
+    if isinstance(module, FusedModule):
+        if backend is not None:
+            module.backend = backend
+    elif type(module) in known and _qualifies(module, *known[type(module)][1:]):
+        module = _fused_copy(module, known[type(module)][0], known[type(module)][1], backend)
+    for name, child in list(module.named_children()):
+        new = _convert(child, backend, known)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def _qualifies(module: nn.Module, names: tuple[str, ...], kind: str) -> bool:
+    convs, norms = names[0::2], names[1::2]
+    if not all(is_fusable_conv(getattr(module, n, None)) for n in convs):
+        return False
+    if not all(is_fusable_norm(getattr(module, n, None)) for n in norms):
+        return False
+    if kind == "timm":
+        acts = [getattr(module, n) for n in ("act1", "act2", "act3") if hasattr(module, n)]
+        identities = [getattr(module, n, None) for n in ("aa", "drop_block")]
+        return (all(type(a) is nn.ReLU for a in acts)
+                and all(m is None or type(m) is nn.Identity for m in identities)
+                and getattr(module, "se", None) is None
+                and (getattr(module, "drop_path", None) is None or type(module.drop_path) is nn.Identity))
+    return True
+
+
+def _fused_copy(module: nn.Module, cls: type, names: tuple[str, ...], backend: str | None) -> nn.Module:
+    """An instance of `cls` with `module`'s state: the same submodules, parameters, buffers, hooks and
+    attributes (copies of the dicts that hold them, so the original keeps its own)."""
+    fused = cls.__new__(cls)
+    fused.__dict__.update({k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
+    init_fused_state(fused, backend)
+    fused.plain = False
+    fused.process_group = _sync_group([getattr(module, n) for n in names[1::2]])
+    return fused
+
+
+def _sync_group(norms):
+    """The group a SyncBatchNorm synchronizes across (its own, else the default one), or None."""
+    for norm in norms:
+        if isinstance(norm, nn.SyncBatchNorm):
+            if norm.process_group is not None:
+                return norm.process_group
+            if dist.is_available() and dist.is_initialized():
+                return dist.group.WORLD
+    return None

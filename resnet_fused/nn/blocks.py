@@ -1,0 +1,98 @@
+"""rf.nn.BasicBlock and rf.nn.Bottleneck: torchvision's ResNet blocks (same constructor, attribute
+names and state_dict keys), running on the fused ops.
+
+Each conv + BN pair is one `FusedModule._conv_bn` step; the block's last step adds the shortcut and
+applies ReLU in the same op. `plain=True` builds the block without its skip connection (no shortcut
+is added, and a downsample branch is refused): the "plain" network of the ResNet paper.
+"""
+import torch
+from torch import nn
+
+from .fused import FusedModule, check_input, check_norms, downsample_norms
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
+                     bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+def _check_plain(plain: bool, downsample) -> None:
+    if plain and downsample is not None:
+        raise ValueError("a plain block has no skip connection, so it takes no downsample branch (downsample=None)")
+
+
+class BasicBlock(FusedModule):
+    """torchvision.models.resnet.BasicBlock on the fused ops: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)."""
+
+    expansion: int = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None, *,
+                 plain: bool = False, backend: str | None = None):
+        super().__init__(backend)
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        _check_plain(plain, downsample)
+        # Same modules in the same order as torchvision: same state_dict keys, same initialization.
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+        self.plain = plain
+        check_norms(self, ["bn1", "bn2"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.conv1.in_channels, type(self).__name__)
+        shortcut = None if self.plain else self._downsample(x, self.downsample)
+        out = self._conv_bn("conv1", x, self.conv1, self.bn1)
+        return self._conv_bn("conv2", out, self.conv2, self.bn2, shortcut)
+
+    def _fused_norms(self):
+        return [self.bn1, self.bn2, *downsample_norms(self.downsample)]
+
+
+class Bottleneck(FusedModule):
+    """torchvision.models.resnet.Bottleneck (ResNet v1.5: the stride on the 3x3 conv) on the fused ops."""
+
+    expansion: int = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None, *,
+                 plain: bool = False, backend: str | None = None):
+        super().__init__(backend)
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        _check_plain(plain, downsample)
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self.plain = plain
+        check_norms(self, ["bn1", "bn2", "bn3"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.conv1.in_channels, type(self).__name__)
+        shortcut = None if self.plain else self._downsample(x, self.downsample)
+        out = self._conv_bn("conv1", x, self.conv1, self.bn1)
+        out = self._conv_bn("conv2", out, self.conv2, self.bn2)
+        return self._conv_bn("conv3", out, self.conv3, self.bn3, shortcut)
+
+    def _fused_norms(self):
+        return [self.bn1, self.bn2, self.bn3, *downsample_norms(self.downsample)]

@@ -1,0 +1,215 @@
+"""The step every fused module runs: act(BN(conv(x)) + residual), and the cache of folded weights.
+
+eval (the BN uses its running statistics): BN is folded into the conv (`fold_bn`) and the whole step is
+one `conv_bn_act` call. The folded weights are cached per (conv, BN) pair and compute dtype; an entry
+is used only while every tensor it was computed from is the same storage at the same version:
+
+    stamp = (bn.eps, (data_ptr, _version) of conv.weight, conv.bias, bn.weight, bn.bias,
+             bn.running_mean, bn.running_var, bn.num_batches_tracked)
+
+In-place writes (optimizer steps, load_state_dict, `.copy_`, `.zero_()`) bump `_version`; `.to()`,
+`.half()`, `.cuda()`, channels_last and `load_state_dict(assign=True)` give new storage, and `_apply`
+clears the cache as well. F.batch_norm updates running statistics *without* bumping their version (it
+saves them for backward), but every training step that updates them increments num_batches_tracked,
+whose version is in the stamp. The cache is bypassed (the fold recomputed) inside torch.compile /
+torch.export (so compiled code recomputes it from the current weights and never reads Python state),
+during CUDA-graph capture (each replay refolds), and when autograd needs the fold's gradient (grad
+mode on and a parameter that requires grad), so eval-mode gradients reach the conv and BN parameters.
+
+training (or a BN without running statistics): the conv (`conv_bn_act` with no bias, residual or ReLU),
+then `bn_act(training=True)`, which adds the residual, applies ReLU and updates the running statistics
+as nn.BatchNorm2d does (num_batches_tracked, momentum=None as a cumulative average).
+"""
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..ops import bn_act, conv_bn_act, fold_bn
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a conv runs in: the autocast dtype when autocast is on for x's device (and x is
+    eligible: floating point, not float64, as autocast decides), else x's own."""
+    device = x.device.type
+    if x.dtype != torch.float64 and x.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def check_input(x, channels: int, who: str) -> None:
+    """A clear error for an input that no block can take, before any op sees it."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{who} expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(f"{who} expects {channels} input channels, got x of shape {tuple(x.shape)}")
+
+
+def is_fusable_conv(module) -> bool:
+    return type(module) is nn.Conv2d and module.padding_mode == "zeros"
+
+
+def is_fusable_norm(module) -> bool:
+    """BatchNorm2d and SyncBatchNorm (the classes themselves: a subclass may change forward)."""
+    return type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def _cast(t, dtype):
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _fold(conv: nn.Conv2d, bn, dtype: torch.dtype):
+    if isinstance(bn, nn.Identity):  # a BN already folded into the conv by someone else
+        return _cast(conv.weight, dtype), _cast(conv.bias, dtype)
+    weight, bias = fold_bn(conv.weight, conv.bias, bn)
+    return _cast(weight, dtype), _cast(bias, dtype)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _clear_after_load(module, incompatible_keys) -> None:
+    # A load_state_dict post hook (module-level so that the module stays picklable). Versions already
+    # change on load; this makes the rule independent of how the values were written.
+    module.clear_fold_cache()
+
+
+class FusedModule(nn.Module):
+    """Base of every fused module: `backend` (forwarded to the ops; None = their default),
+    `process_group` (training BN statistics are synchronized across it when not None), and the
+    folded-weight cache. Subclasses call `self._conv_bn(key, x, conv, bn, residual, relu)`."""
+
+    def __init__(self, backend: str | None = None):
+        super().__init__()
+        init_fused_state(self, backend)
+
+    def clear_fold_cache(self) -> None:
+        """Drops the cached folded weights. Never needed after writes that go through PyTorch's
+        in-place ops; needed after writes that bypass version counters (`p.data.copy_(...)`, or a
+        torch.distributed collective writing into a parameter or BN buffer of an eval-mode model)."""
+        self._fold_cache.clear()
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half(), channels_last, ...: the folded copies would be on the old device/dtype.
+        self._fold_cache.clear()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        # torch.save and copy.deepcopy carry the weights, not folded copies of them.
+        state = self.__dict__.copy()
+        state["_fold_cache"] = {}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_fold_cache", {})
+        self.__dict__.setdefault("backend", None)
+        self.__dict__.setdefault("process_group", None)
+
+    def _fused_norms(self) -> list[nn.Module]:
+        """The BN modules whose forward this module replaces (convert_sync_batchnorm leaves them)."""
+        return []
+
+    def _conv_bn(self, key: str, x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
+                 residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
+        """act(bn(conv(x)) + residual), with bn in the state it is in (its own .training)."""
+        dtype = compute_dtype(x)
+        x = _cast(x, dtype)
+        residual = _cast(residual, dtype)  # as `out += identity` gives out's dtype
+        conv_args = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+        if isinstance(bn, _BatchNorm) and (bn.training or bn.running_mean is None):
+            y = conv_bn_act(x, _cast(conv.weight, dtype), _cast(conv.bias, dtype), None, **conv_args, relu=False,
+                            backend=self.backend)
+            return self._batch_norm(y, bn, residual, relu)
+        weight, bias = self._folded(key, conv, bn, dtype)
+        return conv_bn_act(x, weight, bias, residual, **conv_args, relu=relu, backend=self.backend)
+
+    def _batch_norm(self, y, bn: _BatchNorm, residual, relu: bool) -> torch.Tensor:
+        # nn.BatchNorm2d.forward's bookkeeping, line for line.
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            # momentum=None: a cumulative average; float() syncs with the device, as in nn.BatchNorm2d.
+            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        track = not bn.training or bn.track_running_stats
+        extra = {"process_group": self.process_group} if self.process_group is not None and bn.training else {}
+        return bn_act(y, bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None,
+                      residual, training=True, momentum=momentum, eps=bn.eps, relu=relu, backend=self.backend,
+                      **extra)
+
+    def _folded(self, key: str, conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype):
+        """(weight, bias) of conv with eval-mode bn folded in, in `dtype`: cached in eager when valid."""
+        if torch.compiler.is_compiling():
+            return _fold(conv, bn, dtype)
+        if isinstance(bn, nn.Identity):
+            return _fold(conv, bn, dtype)
+        try:  # the dicts directly: nn.Module.__getattr__ would be most of the cost of a cache hit
+            cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
+            tensors = (cp["weight"], cp["bias"], bp["weight"], bp["bias"], bb["running_mean"], bb["running_var"],
+                       bb["num_batches_tracked"])
+        except KeyError:  # e.g. a parametrized weight (computed on access): nothing stable to cache
+            return _fold(conv, bn, dtype)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return _fold(conv, bn, dtype)  # differentiable, recomputed every call
+        if _capturing(conv.weight):
+            return _fold(conv, bn, dtype)  # recorded in the CUDA graph: every replay refolds
+        try:
+            stamp = (bn.eps, *[None if t is None else (t.data_ptr(), t._version) for t in tensors])
+        except RuntimeError:  # inference tensors have no version counter: do not cache
+            return _fold(conv, bn, dtype)
+        entry = self._fold_cache.get((key, dtype))
+        if entry is not None and entry[0] == stamp:
+            return entry[1]
+        # Normal tensors even inside inference_mode, so a later grad-mode call may save them for backward.
+        with torch.inference_mode(False), torch.no_grad():
+            folded = _fold(conv, bn, dtype)
+        self._fold_cache[(key, dtype)] = (stamp, folded)
+        return folded
+
+    def _downsample(self, x: torch.Tensor, downsample: nn.Module | None) -> torch.Tensor:
+        """The shortcut: x, or the downsample branch with a trailing conv + BN fused (no ReLU)."""
+        if downsample is None:
+            return x
+        if _fusable_tail(downsample):
+            modules = list(downsample)
+            for module in modules[:-2]:  # e.g. timm's average-pool shortcut
+                x = module(x)
+            return self._conv_bn("downsample", x, modules[-2], modules[-1], relu=False)
+        return downsample(x)
+
+    def extra_repr(self) -> str:
+        parts = []
+        if getattr(self, "plain", False):
+            parts.append("plain=True")
+        if self.backend is not None:
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)
+
+
+def _fusable_tail(module) -> bool:
+    return (type(module) is nn.Sequential and len(module) >= 2 and is_fusable_conv(module[-2])
+            and is_fusable_norm(module[-1]))
+
+
+def downsample_norms(downsample) -> list[nn.Module]:
+    return [downsample[-1]] if downsample is not None and _fusable_tail(downsample) else []
+
+
+def init_fused_state(module: nn.Module, backend: str | None) -> None:
+    """The attributes every FusedModule has; also used by fuse() on modules built without __init__."""
+    module.backend = backend
+    module.process_group = None
+    module._fold_cache = {}
+    module.register_load_state_dict_post_hook(_clear_after_load)
+
+
+def check_norms(module: nn.Module, names) -> None:
+    for name in names:
+        norm = getattr(module, name)
+        if not isinstance(norm, _BatchNorm):
+            raise TypeError(
+                f"{type(module).__name__}.{name}: fused blocks need a BatchNorm layer (norm_layer such as "
+                f"nn.BatchNorm2d), got {type(norm).__name__}"
+            )
