@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 import resnet_fused as rf
 
-from . import bn, conv, memory, plots, report
+from . import bn, conv, memory, models, plots, report
 from .ceilings import measure_ceilings
 from resnet_fused.shapes import RESNET50_CONVS
 
@@ -23,7 +23,7 @@ QUICK_BN_NAMES = ("c64@56", "c256@56+add", "c512@28 no-relu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-OPS = ("conv", "bn", "memory")
+OPS = ("conv", "bn", "memory", "models")
 
 
 def default_backends(op: str, device: torch.device) -> list[str]:
@@ -51,6 +51,10 @@ def parse_args(argv=None):
                         help="ResNet-50 conv shapes by name (see resnet_fused/shapes.py) for the conv comparison")
     parser.add_argument("--backends", nargs="+", choices=rf.backends.BACKENDS,
                         help="fused backends to compare (default: all that run natively here)")
+    parser.add_argument("--models", nargs="+", choices=models.DEPTHS,
+                        help="ResNets for the model-level comparison (default: resnet50 on a GPU, resnet18 on a CPU)")
+    parser.add_argument("--image-size", type=int,
+                        help="model-level input size (default 224; 64 with --quick)")
     parser.add_argument("--compile", nargs="*", metavar="MODE", dest="compile_modes",
                         help="torch.compile modes of the eager chain to compare (default on a GPU: default "
                              "max-autotune; on a CPU: none). Give no MODE to disable")
@@ -94,6 +98,13 @@ def main(argv=None) -> int:
         for shape in bn_shapes:
             jobs.append((shape[0], lambda shape=shape: bn.run_shape(
                 shape, batch, dtype, device, backends, args.min_run_time, compile_modes)))
+
+    if "models" in args.ops:
+        depths = args.models or (["resnet50"] if device.type == "cuda" else ["resnet18"])
+        image_size = args.image_size or (64 if args.quick else 224)
+        for depth in depths:
+            jobs.append((depth, lambda depth=depth: models.run_model(
+                depth, batch, image_size, dtype, device, compile_modes, args.min_run_time)))
 
     rows = []
     for name, job in tqdm(jobs, desc="shapes", disable=len(jobs) < 2):

@@ -31,6 +31,11 @@ step build_info 60 python -c "import json, resnet_fused as rf; print(json.dumps(
 step tests 240 pytest tests -q -x -rs --junitxml="$OUT/tests.xml"
 # memcheck slows kernels by 10-100x: a representative subset of the kernel tests.
 step memcheck 180 compute-sanitizer --tool memcheck --error-exitcode 1 \
-  pytest tests/test_triton_conv_kernel.py tests/test_add_act.py -q -x -k "gpu_autotuned or gpu_depthwise or cuda"
+  pytest tests/test_triton_conv_kernel.py tests/test_triton_bn_kernel.py tests/test_add_act.py -q -x \
+  -k "gpu_autotuned or gpu_depthwise or cuda"
+step memcheck_cuda_bn 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  pytest tests/test_cuda_bn_act.py -q -x -k "test_parity and float32"
+step racecheck_cuda_bn 120 compute-sanitizer --tool racecheck --error-exitcode 1 \
+  pytest tests/test_cuda_bn_act.py -q -x -k "test_parity and float32 and nhwc"
 step bench_conv 240 python -m bench --out "$OUT/bench"
 cat "$OUT/steps.txt"

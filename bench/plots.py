@@ -33,19 +33,22 @@ def write(out_dir: Path, env: dict, rows: list[dict]) -> list[Path]:
         providers = [p for p in dict.fromkeys(r["provider"] for r in op_rows) if p not in ("eager", "conv_alone")]
         speed = {(e["shape"], e["provider"]): e.get("vs_eager", 0.0) for e in entries if e["op"] == op}
         timed = {(r["shape"], r["provider"]): r for r in op_rows if r["status"] == "ok"}
-        ceiling, what = ceiling_for(env, op_rows[0]["throughput_unit"])
+        ceiling = ceiling_for(env, op_rows[0]["throughput_unit"])
 
         everyone = ["eager"] + providers
         palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         colors = {p: palette[i % len(palette)] for i, p in enumerate(everyone)}  # one color per provider
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, len(shapes) * 0.6), 8), constrained_layout=True)
+        fig, axes = plt.subplots(2 if ceiling else 1, 1, figsize=(max(8, len(shapes) * 0.6), 8 if ceiling else 4.5),
+                                 constrained_layout=True, squeeze=False)
+        top = axes[0][0]
         _grouped_bars(top, shapes, {p: [speed.get((s, p), 0.0) for s in shapes] for p in providers}, colors,
                       "speedup over the eager chain (x)", 1.0)
         top.set_title(f"{op} on {env['device']} ({env['date'][:10]}, torch {env['torch']})", fontsize=9)
-        _grouped_bars(bottom, shapes,
-                      {p: [timed[(s, p)]["throughput"] / ceiling if (s, p) in timed else 0.0 for s in shapes]
-                       for p in everyone}, colors,
-                      f"fraction of {what}", None)
+        if ceiling:
+            _grouped_bars(axes[1][0], shapes,
+                          {p: [timed[(s, p)]["throughput"] / ceiling[0] if (s, p) in timed else 0.0 for s in shapes]
+                           for p in everyone}, colors,
+                          f"fraction of {ceiling[1]}", None)
         path = out_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", op) + ".png")
         fig.savefig(path, dpi=110)
         plt.close(fig)

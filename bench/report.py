@@ -85,10 +85,10 @@ def geometric_means(entries: list[dict]) -> list[dict]:
     return means
 
 
-def ceiling_for(env: dict, unit: str) -> tuple[float, str]:
-    """(value, description) of the measured ceiling a throughput in `unit` is a fraction of."""
+def ceiling_for(env: dict, unit: str) -> tuple[float, str] | None:
+    """(value, description) of the measured ceiling a throughput in `unit` is a fraction of, if any."""
     c = env["ceilings"]
-    return (c["matmul_tflops"], c["matmul_what"]) if unit == "TFLOP/s" else (c["copy_gbps"], c["copy_what"])
+    return {"TFLOP/s": (c["matmul_tflops"], c["matmul_what"]), "GB/s": (c["copy_gbps"], c["copy_what"])}.get(unit)
 
 
 def _ratio(entry: dict, key: str) -> str:
@@ -124,20 +124,27 @@ def markdown(env: dict, rows: list[dict], memory_rows: list[dict] = ()) -> str:
         op_rows = [row for row in rows if row["op"] == op]
         unit = op_rows[0]["throughput_unit"]
         ceiling = ceiling_for(env, unit)
-        lines += ["", f"## {op}", "", f"| shape | provider | median ms | {unit} | of {ceiling[1]} | vs eager | vs conv alone |",
+        fraction_header = f"of {ceiling[1]}" if ceiling else "of a ceiling"
+        lines += ["", f"## {op}", "", f"| shape | provider | median ms | {unit} | {fraction_header} | vs eager | vs conv alone |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for row in op_rows:
             if row["status"] != "ok":
                 lines.append(f"| {row['shape']} | {row['provider']} | wrong result, not timed | | | | |")
                 continue
             e = speed.get((op, row["shape"], row["provider"]), {})
+            fraction = f"{row['throughput'] / ceiling[0]:.0%}" if ceiling else ""
             lines.append(f"| {row['shape']} | {row['provider']} | {row['median_ms']:.3f} | {row['throughput']:.2f} | "
-                         f"{row['throughput'] / ceiling[0]:.0%} | {_ratio(e, 'vs_eager')} | {_ratio(e, 'vs_conv_alone')} |")
+                         f"{fraction} | {_ratio(e, 'vs_eager')} | {_ratio(e, 'vs_conv_alone')} |")
     lines += ["", "Geometric mean over the shapes:", "", "| op | provider | vs eager | vs conv alone |",
               "| --- | --- | ---: | ---: |"]
     for mean in geometric_means(entries):
         lines.append(f"| {mean['op']} | {mean['provider']} | {_ratio(mean, 'vs_eager')} | "
                      f"{_ratio(mean, 'vs_conv_alone')} |")
+    peaks = [row for row in rows if row.get("peak_bytes")]
+    if peaks:
+        lines += ["", "Peak memory (GPU, allocated during one call):", "", "| op | shape | provider | peak MB |",
+                  "| --- | --- | --- | ---: |"]
+        lines += [f"| {r['op']} | {r['shape']} | {r['provider']} | {r['peak_bytes'] / 1e6:.0f} |" for r in peaks]
     lines += memory_markdown(list(memory_rows))
     return "\n".join(lines) + "\n"
 

@@ -12,7 +12,7 @@ import resnet_fused as rf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ lives beside the package
 from bench import __main__ as bench_main  # noqa: E402
 
-QUICK = ["--quick", "--shapes", "l1.expand", "--min-run-time", "0.01", "--device", "cpu"]
+QUICK = ["--quick", "--shapes", "l1.expand", "--min-run-time", "0.01", "--device", "cpu", "--image-size", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +30,11 @@ def test_quick_run_writes_json_and_markdown(quick_run):
     for key in ("device", "torch", "torch_cuda", "triton", "date", "git_commit", "resnet_fused_backends"):
         assert key in env
     ops = {row["op"] for row in results["rows"]}
-    assert ops == {"conv_bn_act", "bn_act.forward", "bn_act.forward+backward"}
+    assert ops == {"conv_bn_act", "bn_act.forward", "bn_act.forward+backward", "model.inference", "model.train_step"}
     for row in results["rows"]:
         assert row["status"] == "ok", row
         assert row["median_ms"] > 0 and row["low_ms"] <= row["median_ms"] <= row["high_ms"]
-        assert row["throughput"] > 0 and row["throughput_unit"] in ("TFLOP/s", "GB/s")
+        assert row["throughput"] > 0 and row["throughput_unit"] in ("TFLOP/s", "GB/s", "img/s")
     providers = {row["provider"] for row in results["rows"]}
     assert {"eager", "conv_alone", "fused:reference"} <= providers
     if "cpu" in rf.available_backends():
@@ -45,7 +45,7 @@ def test_quick_run_writes_json_and_markdown(quick_run):
     memory = results["memory"]
     assert {row["provider"] for row in memory} >= {"eager", "fused:reference"}
     assert all(row["saved_bytes"] > 0 for row in memory)
-    for op in ("conv_bn_act", "bn_act.forward", "bn_act.forward_backward"):
+    for op in ("conv_bn_act", "bn_act.forward", "bn_act.forward_backward", "model.inference", "model.train_step"):
         assert (out / f"{op}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert env["ceilings"]["copy_gbps"] > 0 and env["ceilings"]["matmul_tflops"] > 0
     markdown = (out / "results.md").read_text()

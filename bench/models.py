@@ -1,0 +1,124 @@
+"""Model level: ResNet inference (eval, BN folded) and a training step (forward, backward, SGD), fused
+(rf.models) against eager torchvision and torch.compile of it, with the same weights."""
+import copy
+
+import torch
+
+import resnet_fused as rf
+from resnet_fused.testing import parity
+
+from .timing import measure
+
+DEPTHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def _peak_bytes(fn, device) -> int | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
+
+
+def _autocast(device, dtype):
+    """bf16/fp16 run as AMP (float32 weights, autocast), as a training script would."""
+    enabled = dtype != torch.float32
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+def _train_logits(model, images, device, dtype):
+    """Logits in training mode (batch statistics); the running statistics this updates are reset by the
+    caller, which reloads the starting state."""
+    model.train()
+    with torch.no_grad(), _autocast(device, dtype):
+        return model(images).float()
+
+
+def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: list[str], min_run_time: float,
+              backend: str | None = None) -> list[dict]:
+    import torchvision
+
+    torch.manual_seed(0)
+    eager = getattr(torchvision.models, depth)().to(device).to(memory_format=torch.channels_last)
+    fused = getattr(rf.models, depth)(backend=backend).to(device).to(memory_format=torch.channels_last)
+    fused.load_state_dict(eager.state_dict())
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    rows = []
+
+    # Inference: eval mode, no grad.
+    eager.eval()
+    fused.eval()
+    oracle_model = copy.deepcopy(eager).double()
+    with torch.no_grad():
+        oracle = oracle_model(images.double())
+        with _autocast(device, dtype):
+            eager_out = eager(images)
+    candidates = [("eager", eager)]
+    for mode in compile_modes:
+        torch._dynamo.reset()
+        if mode == "max-autotune" and device.type == "cuda":
+            torch._inductor.config.freezing = True  # folds BN into the convs, as a deployment would
+        candidates.append((f"compile:{mode}", torch.compile(eager, mode=mode)))
+    candidates.append((f"fused:{backend or 'default'}", fused))
+    for provider, model in candidates:
+        row = {"op": "model.inference", "shape": f"{depth} {size}x{size}", "provider": provider, "batch": batch,
+               "dtype": str(dtype)[6:], "throughput_unit": "img/s"}
+
+        def infer(model=model):
+            with torch.no_grad(), _autocast(device, dtype):
+                return model(images)
+
+        if provider != "eager":
+            check = parity(infer().float(), eager_out.float(), oracle)
+            row["parity"] = str(check)
+            if not check.ok:
+                rows.append({**row, "status": "wrong"})
+                continue
+        timing = measure(infer, device, min_run_time)
+        rows.append({**row, "status": "ok", **timing, "throughput": batch / timing["median_ms"] * 1e3,
+                     "peak_bytes": _peak_bytes(infer, device)})
+    torch._inductor.config.freezing = False
+
+    # Training step: forward, loss, backward, SGD step, from the same weights for each provider.
+    start_state = copy.deepcopy(eager.state_dict())
+    eager_train_logits = _train_logits(eager, images, device, dtype)
+    oracle_train_logits = _train_logits(oracle_model, images.double(), device, torch.float32).double()
+    eager.load_state_dict(start_state)
+    train_candidates = [("eager", eager)] + [
+        (f"compile:{m}", None) for m in compile_modes if m == "default"] + [(f"fused:{backend or 'default'}", fused)]
+    for provider, model in train_candidates:
+        if model is None:
+            torch._dynamo.reset()
+            model = torch.compile(eager)
+        base = eager if provider.startswith("compile") else model
+        base.load_state_dict(start_state)
+        base.train()
+        optimizer = torch.optim.SGD(base.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model=model, optimizer=optimizer):
+            optimizer.zero_grad(set_to_none=True)
+            with _autocast(device, dtype):
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        row = {"op": "model.train_step", "shape": f"{depth} {size}x{size}", "provider": provider, "batch": batch,
+               "dtype": str(dtype)[6:], "throughput_unit": "img/s"}
+        if provider != "eager":
+            # Train-mode logits (batch statistics) from the starting weights, against eager and float64.
+            check = parity(_train_logits(model, images, device, dtype), eager_train_logits, oracle_train_logits)
+            base.load_state_dict(start_state)
+            row["parity"] = str(check)
+            if not check.ok:
+                rows.append({**row, "status": "wrong"})
+                continue
+        row["first_loss"] = float(step())
+        timing = measure(step, device, min_run_time)
+        rows.append({**row, "status": "ok", **timing, "throughput": batch / timing["median_ms"] * 1e3,
+                     "peak_bytes": _peak_bytes(step, device)})
+    return rows
