@@ -4,8 +4,12 @@ toolkit is found. Build against the installed torch: ``pip install --no-build-is
 Environment knobs:
   RESNET_FUSED_CPU_ONLY=1         skip the CUDA extension even when a toolkit is present
   RESNET_FUSED_CUDA_ARCHS=80;90a  GPU architectures to compile for (default: sm_80 and sm_90a)
+  RESNET_FUSED_CUTLASS_DIR=DIR    CUTLASS source tree (DIR/include, DIR/tools/util/include) for the Hopper
+                                  conv kernels; default: the headers of the installed nvidia-cutlass wheel
+                                  (requirements.txt)
   MAX_JOBS=N                      parallel compile jobs (read by torch's ninja build)
 """
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -35,6 +39,27 @@ def cuda_skip_reason():
     return None
 
 
+def cutlass_root():
+    """The CUTLASS tree holding include/ and tools/util/include/, or None."""
+    candidates = [os.environ.get("RESNET_FUSED_CUTLASS_DIR")]
+    # The nvidia-cutlass wheel ships the headers under cutlass_library/source/; find it without importing it.
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.origin is not None:
+        candidates.append(Path(spec.origin).parent / "source")
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "include" / "cutlass" / "cutlass.h").exists():
+            return Path(candidate).resolve()
+    return None
+
+
+def sm90_skip_reason(cuda_archs, cutlass):
+    if "90a" not in cuda_archs:
+        return "sm_90a is not among RESNET_FUSED_CUDA_ARCHS"
+    if cutlass is None:
+        return "CUTLASS headers not found (pip install nvidia-cutlass, or set RESNET_FUSED_CUTLASS_DIR)"
+    return None
+
+
 def gencode_flags(archs):
     flags = []
     for arch in archs:
@@ -46,7 +71,7 @@ def sources(pattern):
     return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
 
 
-def extensions(cuda_archs, skip_reason):
+def extensions(cuda_archs, skip_reason, cutlass, sm90_skip):
     cxx_flags = ["-O3", "-fopenmp"]  # at::parallel_for needs OpenMP to run in parallel
     exts = [
         CppExtension(
@@ -58,14 +83,22 @@ def extensions(cuda_archs, skip_reason):
         )
     ]
     if skip_reason is None:
+        cuda_sources = [*sources("csrc/cuda/**/*.cpp"), *sources("csrc/cuda/**/*.cu")]
+        defines, include_dirs = [], []
+        if sm90_skip is None:
+            defines.append("-DRESNET_FUSED_SM90")
+            include_dirs += [str(cutlass / "include"), str(cutlass / "tools" / "util" / "include")]
+        else:  # the CUTLASS translation units need the headers and sm_90a
+            cuda_sources = [s for s in cuda_sources if "/sm90/" not in s]
         exts.append(
             CUDAExtension(
                 "resnet_fused._C_cuda",
-                [*sources("csrc/cuda/*.cpp"), *sources("csrc/cuda/**/*.cu")],
+                cuda_sources,
+                include_dirs=include_dirs,
                 extra_compile_args={
-                    "cxx": ["-O3"],
+                    "cxx": ["-O3", *defines],
                     # -DNDEBUG: without it ptxas serializes wgmma (ENV.md, warning C7510).
-                    "nvcc": ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr", *gencode_flags(cuda_archs)],
+                    "nvcc": ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr", *defines, *gencode_flags(cuda_archs)],
                 },
                 py_limited_api=True,
             )
@@ -73,7 +106,7 @@ def extensions(cuda_archs, skip_reason):
     return exts
 
 
-def write_build_config(cuda_archs, skip_reason):
+def write_build_config(cuda_archs, skip_reason, sm90_skip):
     """Records what the libraries were built against; resnet_fused._library checks it before loading."""
     config = {
         "torch_version": torch.__version__,
@@ -81,17 +114,22 @@ def write_build_config(cuda_archs, skip_reason):
         "cuda_compiled": skip_reason is None,
         "cuda_skip_reason": skip_reason,
         "cuda_archs": cuda_archs if skip_reason is None else [],
+        "cutlass_sm90_compiled": skip_reason is None and sm90_skip is None,
+        "cutlass_sm90_skip_reason": skip_reason or sm90_skip,
     }
     (ROOT / "resnet_fused" / "_build_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 skip_reason = cuda_skip_reason()
 cuda_archs = [a for a in os.environ.get("RESNET_FUSED_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).split(";") if a]
+cutlass = cutlass_root()
+sm90_skip = sm90_skip_reason(cuda_archs, cutlass)
 if skip_reason:
     print(f"resnet_fused: skipping the CUDA extension: {skip_reason}")
 else:
     print(f"resnet_fused: building the CUDA extension with {CUDA_HOME} for sm_{', sm_'.join(cuda_archs)}")
-write_build_config(cuda_archs, skip_reason)
+    print(f"resnet_fused: CUTLASS Hopper conv: {'from ' + str(cutlass) if sm90_skip is None else 'skipped, ' + sm90_skip}")
+write_build_config(cuda_archs, skip_reason, sm90_skip)
 
 setup(
     name="resnet_fused",
@@ -100,7 +138,7 @@ setup(
     packages=find_packages(include=["resnet_fused", "resnet_fused.*"]),
     package_data={"resnet_fused": ["_build_config.json"]},
     python_requires=">=3.10",
-    ext_modules=extensions(cuda_archs, skip_reason),
+    ext_modules=extensions(cuda_archs, skip_reason, cutlass, sm90_skip),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -1,7 +1,8 @@
 """python -m bench: is fused faster than eager PyTorch, and by how much, on this machine?
 
-Op level, for ResNet-50's shapes: the fused conv + BN (+ add) (+ ReLU) of every available backend
-against the eager chain (conv, BN, add, ReLU as separate kernels), the conv alone and torch.compile;
+Op level, for ResNet-50's and ResNet-18's conv shapes: the fused conv + BN (+ add) (+ ReLU) of every
+available backend against the eager chain (conv, BN, add, ReLU as separate kernels), the conv alone and
+torch.compile;
 the fused training-mode BN (+ add) + ReLU, forward and forward+backward, against eager and
 torch.compile. Every candidate is checked against a float64 reference before it is timed.
 """
@@ -15,11 +16,12 @@ import resnet_fused as rf
 
 from . import bn, conv, memory, models, plots, report
 from .ceilings import measure_ceilings
-from resnet_fused.shapes import RESNET50_CONVS
+from resnet_fused.shapes import RESNET18_CONVS, RESNET50_CONVS
 
 # --quick: one shape of each kind, small enough for a CPU in seconds.
 QUICK_NAMES = ("stem", "l1.conv3x3", "l1.expand", "l2.downsample", "l3.conv3x3")
 QUICK_BN_NAMES = ("c64@56", "c256@56+add", "c512@28 no-relu")
+CONV_SHAPES = RESNET50_CONVS + RESNET18_CONVS  # ResNet-50's first: the targets are set on them
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,7 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--batch", type=int, help="default: 256 on a GPU, 8 on a CPU (2 with --quick)")
     parser.add_argument("--shapes", nargs="+", metavar="NAME",
-                        help="ResNet-50 conv shapes by name (see resnet_fused/shapes.py) for the conv comparison")
+                        help="ResNet-50/18 conv shapes by name (see resnet_fused/shapes.py) for the conv comparison "
+                             "(default: all of them)")
     parser.add_argument("--backends", nargs="+", choices=rf.backends.BACKENDS,
                         help="fused backends to compare (default: all that run natively here)")
     parser.add_argument("--models", nargs="+", choices=models.DEPTHS,
@@ -68,11 +71,11 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     batch = args.batch or (2 if args.quick else 256 if device.type == "cuda" else 8)
-    names = args.shapes or (QUICK_NAMES if args.quick else [s.name for s in RESNET50_CONVS])
-    unknown = set(names) - {s.name for s in RESNET50_CONVS}
+    names = args.shapes or (QUICK_NAMES if args.quick else [s.name for s in CONV_SHAPES])
+    unknown = set(names) - {s.name for s in CONV_SHAPES}
     if unknown:
         raise SystemExit(f"unknown shapes: {', '.join(sorted(unknown))}")
-    shapes = [s for s in RESNET50_CONVS if s.name in names]
+    shapes = [s for s in CONV_SHAPES if s.name in names]
     compile_modes = args.compile_modes if args.compile_modes is not None else (
         ["default", "max-autotune"] if device.type == "cuda" else [])
     env = report.environment(device)
@@ -113,6 +116,7 @@ def main(argv=None) -> int:
             timing = (f"{row['median_ms']:9.3f} ms {row['throughput']:8.2f} {row['throughput_unit']}"
                       if row["status"] == "ok" else "  WRONG RESULT, not timed")
             tqdm.write(f"{row['op']:26s} {name:18s} {row['provider']:22s} {timing}")
+        report.write(args.out, env, rows)  # after every shape, so a run cut short keeps what it measured
     memory_rows = []
     if "memory" in args.ops:
         memory_backends = args.backends or default_backends("bn_act", device)

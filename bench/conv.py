@@ -47,6 +47,18 @@ class ConvProblem:
                                       stride=self.shape.stride, padding=self.shape.padding, relu=self.relu,
                                       backend=backend)
 
+    def _cuda_args(self):
+        return (self.x, self.folded_weight, self.folded_bias, self.residual, [self.shape.stride] * 2,
+                [self.shape.padding] * 2, [1, 1], 1)
+
+    def cuda_kernel(self) -> str:
+        """The CUDA kernel backend="cuda" picks for this shape (csrc/cuda/conv/conv_dispatch.cpp)."""
+        return torch.ops.resnet_fused._cuda_conv_kernel(*self._cuda_args())
+
+    def fused_cuda_with(self, kernel: str):
+        """backend="cuda" on a named kernel, to compare the Hopper kernel with its mma.sync fallback."""
+        return lambda: torch.ops.resnet_fused._cuda_conv_bn_act_with(*self._cuda_args(), self.relu, kernel)
+
     def oracle(self):
         """The folded op in float64: what every candidate is checked against."""
         to64 = lambda t: None if t is None else t.double()  # noqa: E731
@@ -76,9 +88,17 @@ def run_shape(shape: ConvShape, batch: int, size: int, dtype: torch.dtype, devic
             torch._dynamo.reset()  # each mode compiles afresh, not from the previous mode's cache
             candidates.append((f"compile:{mode}", torch.compile(problem.eager, mode=mode)))
         candidates += [(f"fused:{name}", problem.fused(name)) for name in backends]
+        kernels = {}
+        if "cuda" in backends and device.type == "cuda":
+            kernels["fused:cuda"] = problem.cuda_kernel()
+            if kernels["fused:cuda"] == "cutlass_sm90":  # the hand-written fallback, side by side
+                candidates.append(("fused:cuda[mma_sm80]", problem.fused_cuda_with("mma_sm80")))
+                kernels["fused:cuda[mma_sm80]"] = "mma_sm80"
         rows = []
         for provider, fn in candidates:
             row = {**common, "provider": provider, "throughput_unit": "TFLOP/s"}
+            if provider in kernels:
+                row["kernel"] = kernels[provider]
             if provider.startswith(CHECKED_PREFIXES):
                 check = parity(fn(), eager_out, oracle)
                 row["parity"] = str(check)

@@ -1,41 +1,76 @@
 #!/usr/bin/env bash
 # The one prepared GPU run (the `device` tool; see DEVELOPERS.md): build, the GPU tests, compute-sanitizer
-# memcheck on the kernel tests, and the benchmarks, with logs and JSON under $OUT. Sized for ~8 minutes
-# on an H200 so that one rerun fits in the session's 15 minutes of device time. Each step has its own
-# time limit and the script goes on after a failed step, so one problem does not hide the others.
-#   run: bash bench/gpu_check.sh        (OUT defaults to bench/out/gpu)
+# on the kernel tests, the benchmarks and one ncu profile, with logs and JSON under $OUT. The device tool
+# allows 600 s per command and 15 minutes per session, so the whole script keeps to BUDGET seconds (default
+# 540): steps run in priority order (correctness first), each with its own limit cut to what is left, and a
+# failed step does not stop the next, so one problem does not hide the others.
+#
+# The GPU machine has no package registry and no CUTLASS headers. Before the call, here:
+#   echo /.whl/ >> .git/info/exclude && pip download --no-deps -d .whl nvidia-cutlass==4.2.0.0
+# then run it with carry [".whl"]:
+#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=590)
 set -u
 OUT=${OUT:-bench/out/gpu}
+BUDGET=${BUDGET:-540}
 mkdir -p "$OUT"
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 
-step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, logs to $OUT/NAME.log
+step() {  # step NAME SECONDS COMMAND...: COMMAND with a time limit (cut to the budget left), log in $OUT/NAME.log
   local name=$1 limit=$2
   shift 2
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 20 ]; then
+    echo "$name skipped: budget spent" | tee -a "$OUT/steps.txt"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local start=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/steps.txt"
+  echo "$name rc=$rc $((SECONDS - start))s (limit ${limit}s)" | tee -a "$OUT/steps.txt"
 }
+
+# The CUTLASS headers from the carried wheel (a zip): setup.py reads RESNET_FUSED_CUTLASS_DIR.
+if ls .whl/nvidia_cutlass-*.whl > /dev/null 2>&1; then
+  python -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall('/tmp/cutlass_wheel')" .whl/nvidia_cutlass-*.whl
+  export RESNET_FUSED_CUTLASS_DIR=/tmp/cutlass_wheel/cutlass_library/source
+fi
 
 {
   date -u +%Y-%m-%dT%H:%M:%SZ
   git rev-parse --short HEAD 2>/dev/null
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__)"
+  nvcc --version | tail -1
 } > "$OUT/environment.txt" 2>&1
 
 # Editable, so that `python -m bench` from the checkout sees the compiled libraries.
-step install 300 pip install --no-build-isolation --no-deps -e .
-step build_info 60 python -c "import json, resnet_fused as rf; print(json.dumps(rf.build_info(), indent=1)); print(rf.available_backends())"
-step tests 240 pytest tests -q -x -rs --junitxml="$OUT/tests.xml"
-# memcheck slows kernels by 10-100x: a representative subset of the kernel tests.
-step memcheck 180 compute-sanitizer --tool memcheck --error-exitcode 1 \
+step install 240 pip install --no-build-isolation --no-deps -e .
+step build_info 30 python -c "import json, resnet_fused as rf; print(json.dumps(rf.build_info(), indent=1)); print(rf.available_backends())"
+# Correctness first: the kernel parity suites, then everything that runs on the device.
+step tests_cuda_conv 120 pytest tests/test_cuda_conv.py -q -rs --junitxml="$OUT/tests_cuda_conv.xml"
+step tests_gpu 150 pytest tests -q -rs -k "gpu or cuda" --ignore=tests/test_cuda_conv.py --junitxml="$OUT/tests_gpu.xml"
+# compute-sanitizer slows kernels by 10-100x: representative subsets.
+step memcheck_cuda_conv 45 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  pytest tests/test_cuda_conv.py -q -x -k representative
+step racecheck_cuda_conv 45 compute-sanitizer --tool racecheck --error-exitcode 1 \
+  pytest tests/test_cuda_conv.py -q -x -k representative
+step memcheck_cuda_bn 40 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  pytest tests/test_cuda_bn_act.py -q -x -k "test_parity and float32"
+step racecheck_cuda_bn 40 compute-sanitizer --tool racecheck --error-exitcode 1 \
+  pytest tests/test_cuda_bn_act.py -q -x -k "test_parity and float32 and nhwc"
+step memcheck_triton 45 compute-sanitizer --tool memcheck --error-exitcode 1 \
   pytest tests/test_triton_conv_kernel.py tests/test_triton_bn_kernel.py tests/test_add_act.py -q -x \
   -k "gpu_autotuned or gpu_depthwise or cuda"
-step memcheck_cuda_bn 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
-  pytest tests/test_cuda_bn_act.py -q -x -k "test_parity and float32"
-step racecheck_cuda_bn 120 compute-sanitizer --tool racecheck --error-exitcode 1 \
-  pytest tests/test_cuda_bn_act.py -q -x -k "test_parity and float32 and nhwc"
-step bench_conv 240 python -m bench --out "$OUT/bench"
+# Speed: every ResNet-50 conv shape and the BN shapes at batch 256 against eager, cuDNN alone and
+# torch.compile (default mode; max-autotune compiles for minutes per shape and does not fit here).
+step bench_ops 150 python -m bench --ops conv bn memory --compile default --out "$OUT/bench"
+step bench_models 90 python -m bench --ops models --compile default --out "$OUT/bench_models"
+# What limits the CUDA conv where it does worst against cuDNN.
+worst=$(python -m bench.worst_shape "$OUT/bench/results.json" 2>/dev/null)
+if [ -n "$worst" ]; then
+  step ncu_worst_conv 45 ncu --clock-control none --kernel-name regex:"conv_mma|cutlass" --launch-count 1 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+    python -m bench --ops conv --shapes "$worst" --backends cuda --compile --out "$OUT/ncu_bench"
+fi
 cat "$OUT/steps.txt"

@@ -128,12 +128,14 @@ def markdown(env: dict, rows: list[dict], memory_rows: list[dict] = ()) -> str:
         lines += ["", f"## {op}", "", f"| shape | provider | median ms | {unit} | {fraction_header} | vs eager | vs conv alone |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for row in op_rows:
+            # the CUDA kernel the row ran, where the backend picks among several
+            provider = f"{row['provider']} ({row['kernel']})" if "kernel" in row else row["provider"]
             if row["status"] != "ok":
-                lines.append(f"| {row['shape']} | {row['provider']} | wrong result, not timed | | | | |")
+                lines.append(f"| {row['shape']} | {provider} | wrong result, not timed | | | | |")
                 continue
             e = speed.get((op, row["shape"], row["provider"]), {})
             fraction = f"{row['throughput'] / ceiling[0]:.0%}" if ceiling else ""
-            lines.append(f"| {row['shape']} | {row['provider']} | {row['median_ms']:.3f} | {row['throughput']:.2f} | "
+            lines.append(f"| {row['shape']} | {provider} | {row['median_ms']:.3f} | {row['throughput']:.2f} | "
                          f"{fraction} | {_ratio(e, 'vs_eager')} | {_ratio(e, 'vs_conv_alone')} |")
     lines += ["", "Geometric mean over the shapes:", "", "| op | provider | vs eager | vs conv alone |",
               "| --- | --- | ---: | ---: |"]

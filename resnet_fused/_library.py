@@ -83,6 +83,8 @@ def build_info() -> dict:
         "cpu_compiled": library_loaded("_C"),
         "cuda_compiled": library_loaded("_C_cuda"),
         "cuda_archs": _BUILD_CONFIG.get("cuda_archs", []),
+        # the CUTLASS Hopper conv kernels (csrc/cuda/conv/sm90/), part of _C_cuda when compiled
+        "cutlass_sm90_compiled": bool(_BUILD_CONFIG.get("cutlass_sm90_compiled")) and library_loaded("_C_cuda"),
         "built_with_torch": _BUILD_CONFIG.get("torch_version"),
         "built_with_cuda": _BUILD_CONFIG.get("torch_cuda_version"),
         "torch_version": torch.__version__,

@@ -1,5 +1,5 @@
-"""The distinct conv shapes of ResNet-50 (torchvision's v1.5: stride on the 3x3) at a 224x224 input,
-shared by the benchmarks and the GPU tests."""
+"""The distinct conv shapes of ResNet-50 (torchvision's v1.5: stride on the 3x3) and ResNet-18 at a 224x224
+input, shared by the benchmarks and the GPU tests."""
 from dataclasses import dataclass
 
 
@@ -52,4 +52,18 @@ RESNET50_CONVS = [
     ConvShape("l4.downsample", 1024, 2048, 1, 2, 14, "none"),
     ConvShape("l4.reduce", 2048, 512, 1, 1, 7, "relu"),
     ConvShape("l4.conv3x3", 512, 512, 3, 1, 7, "relu"),
+]
+
+# ResNet-18's (BasicBlock) shapes not already above (its stem and its 3x3 convs with ReLU are ResNet-50's).
+RESNET18_CONVS = [
+    ConvShape("r18.l1.conv3x3_add", 64, 64, 3, 1, 56, "add_relu"),
+    ConvShape("r18.l2.conv3x3_s2", 64, 128, 3, 2, 56, "relu"),
+    ConvShape("r18.l2.downsample", 64, 128, 1, 2, 56, "none"),
+    ConvShape("r18.l2.conv3x3_add", 128, 128, 3, 1, 28, "add_relu"),
+    ConvShape("r18.l3.conv3x3_s2", 128, 256, 3, 2, 28, "relu"),
+    ConvShape("r18.l3.downsample", 128, 256, 1, 2, 28, "none"),
+    ConvShape("r18.l3.conv3x3_add", 256, 256, 3, 1, 14, "add_relu"),
+    ConvShape("r18.l4.conv3x3_s2", 256, 512, 3, 2, 14, "relu"),
+    ConvShape("r18.l4.downsample", 256, 512, 1, 2, 14, "none"),
+    ConvShape("r18.l4.conv3x3_add", 512, 512, 3, 1, 7, "add_relu"),
 ]

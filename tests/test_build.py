@@ -1,5 +1,4 @@
 """The build and the soft loading of the compiled libraries."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -7,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cuda_binary import cuobjdump
 
 import resnet_fused as rf
 from resnet_fused import _library
@@ -18,7 +18,7 @@ REQUIRE_CUDA_BUILD = os.environ.get("RESNET_FUSED_REQUIRE_CUDA_BUILD") == "1"
 def test_build_info_fields():
     info = rf.build_info()
     for key in ("cpu_compiled", "cuda_compiled", "torch_version", "torch_cuda_version", "load_errors",
-                "built_with_torch", "cuda_archs", "triton_version", "gpu"):
+                "built_with_torch", "cuda_archs", "cutlass_sm90_compiled", "triton_version", "gpu"):
         assert key in info
     assert info["torch_version"] == torch.__version__
     assert isinstance(info["cuda_compiled"], bool) and isinstance(info["load_errors"], dict)
@@ -34,23 +34,15 @@ def test_cuda_extension_was_built_and_loads():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("resnet_fused::add_act", "CUDA")
 
 
-def cuobjdump() -> Path:
-    import triton
-
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-
-
 def test_cuda_library_holds_sm80_and_sm90a_code():
     if not rf.build_info()["cuda_compiled"]:
         assert not REQUIRE_CUDA_BUILD
         pytest.skip(f"CUDA extension not built: {rf.build_info()['load_errors'].get('_C_cuda')}")
-    library = importlib.util.find_spec("resnet_fused._C_cuda").origin
-    listing = subprocess.run([cuobjdump(), "-lelf", library], capture_output=True, text=True, check=True).stdout
+    listing = cuobjdump("-lelf")
     archs = set(rf.build_info()["cuda_archs"])
     assert {"80", "90a"} <= archs
     assert "sm_80.cubin" in listing and "sm_90.cubin" in listing, listing
-    sass = subprocess.run([cuobjdump(), "-sass", "-arch", "sm_90a", library], capture_output=True, text=True,
-                          check=True).stdout
+    sass = cuobjdump("-sass", "-arch", "sm_90a")
     assert "add_act_kernel" in sass
     assert "LDG.E.128" in sass, "the vectorized add_act kernel should use 16-byte loads"
 

@@ -6,13 +6,9 @@ on the CPU through the test-only op resnet_fused::_cuda_bn_host_check. With a GP
 float64 reference, forward and backward, on odd shapes and every ResNet-50 BN shape, poisoned outputs,
 layouts the kernels must normalize, determinism, and indexing past 2^31 elements.
 """
-import importlib.util
-import re
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
+from cuda_binary import resource_usage, sass_functions
 from samples import (BNCase, BN_CASES, BN_DTYPES, BN_DTYPE_IDS, MEMORY_FORMATS, assert_parity, bn_sample,
                      to_float64)
 
@@ -39,35 +35,6 @@ STREAMING = [k for k in KERNELS if "finalize" not in k]
 
 # ------------------------------------------------------------------------------------------------------
 # Build: what the library holds (CPU-runnable)
-
-
-def cuobjdump(*args: str) -> str:
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    library = importlib.util.find_spec("resnet_fused._C_cuda").origin
-    return subprocess.run([tool, *args, library], capture_output=True, text=True, check=True).stdout
-
-
-def sass_functions(arch: str) -> dict[str, str]:
-    """Mangled kernel name -> its SASS, for one architecture."""
-    sass = cuobjdump("-sass", "-arch", arch)
-    parts = re.split(r"^\s*Function : (\S+)\s*$", sass, flags=re.M)
-    return dict(zip(parts[1::2], parts[2::2]))
-
-
-def resource_usage() -> dict[tuple[str, str], dict[str, int]]:
-    """(arch, mangled kernel name) -> {"REG": .., "STACK": .., "LOCAL": .., "SHARED": ..}."""
-    usage, arch, function = {}, None, None
-    for line in cuobjdump("-res-usage").splitlines():
-        if m := re.match(r"\s*arch = (\S+)", line):
-            arch = m.group(1)
-        elif m := re.match(r"\s*Function (\S+):", line):
-            function = m.group(1)
-        elif function and (fields := dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line))):
-            usage[(arch, function)] = {k: int(v) for k, v in fields.items()}
-            function = None
-    return usage
 
 
 @needs_cuda_build

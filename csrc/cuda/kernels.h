@@ -2,6 +2,8 @@
 // light headers (see ENV.md: the full torch headers cost minutes of nvcc time per file).
 #pragma once
 
+#include <string>
+
 #include <ATen/core/Tensor.h>
 
 #include "bn_act_plan.h"
@@ -32,5 +34,19 @@ void bn_act_backward_launch(const bn::TilePlan& reduce, const bn::TilePlan& elem
                             const at::Tensor& weight, const at::Tensor& save_mean, const at::Tensor& save_invstd,
                             bool training, bool relu, const at::Tensor& grad_x, const at::Tensor& grad_weight,
                             const at::Tensor& grad_bias, const at::Tensor& grad_pre, const at::Tensor& workspace);
+
+// conv_bn_act (conv/conv_dispatch.cpp): checks, NHWC operands, the kernel table, the launch.
+at::Tensor conv_bn_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, bool relu);
+// Test and benchmark hooks: conv_bn_act on a named kernel ("cutlass_sm90", "mma_sm80", "direct"; an error
+// names why it cannot take the call), and the kernel conv_bn_act would pick.
+at::Tensor conv_bn_act_with_kernel(const at::Tensor& x, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                   int64_t groups, bool relu, c10::string_view kernel);
+std::string conv_kernel_for(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
 }  // namespace resnet_fused::cuda

@@ -190,7 +190,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
 }  // namespace
 }  // namespace resnet_fused::cuda
 
+// Test and benchmark hooks of the conv kernels (kernels.h); not part of the API.
+TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
+  m.def(
+      "_cuda_conv_bn_act_with(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool relu, str kernel) -> Tensor");
+  m.def(
+      "_cuda_conv_kernel(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups) -> str");
+}
+
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
+  m.impl("conv_bn_act", &resnet_fused::cuda::conv_bn_act);
+  m.impl("_cuda_conv_bn_act_with", &resnet_fused::cuda::conv_bn_act_with_kernel);
+  m.impl("_cuda_conv_kernel", &resnet_fused::cuda::conv_kernel_for);
   m.impl("add_act", &resnet_fused::cuda::add_act);
   m.impl("bn_act", &resnet_fused::cuda::bn_act);
   m.impl("bn_act_backward", &resnet_fused::cuda::bn_act_backward);

@@ -1,0 +1,3 @@
+// The Hopper conv for bfloat16, tile 64 x 256 x 64 (conv_sm90_kernel.cuh).
+#include "conv_sm90_kernel.cuh"
+RF_SM90_INSTANTIATE(kBFloat16, 256)

@@ -1,0 +1,3 @@
+// The Hopper conv for float16, tile 128 x 128 x 64 (conv_sm90_kernel.cuh).
+#include "conv_sm90_kernel.cuh"
+RF_SM90_INSTANTIATE(kHalf, 128)
