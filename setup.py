@@ -61,9 +61,10 @@ def sm90_skip_reason(cuda_archs, cutlass):
 
 
 def gencode_flags(archs):
-    flags = []
-    for arch in archs:
-        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    flags = [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in archs]
+    # PTX of the oldest architecture too, so a newer GPU without a matching cubin (sm_100, sm_120) can JIT it.
+    oldest = min(archs, key=lambda a: int(a.rstrip("a")))
+    flags.append(f"-gencode=arch=compute_{oldest},code=compute_{oldest}")
     return flags
 
 

@@ -56,6 +56,8 @@ def parse_args(argv=None):
                         help="fused backends to compare (default: all that run natively here)")
     parser.add_argument("--models", nargs="+", choices=models.DEPTHS,
                         help="ResNets for the model-level comparison (default: resnet50 on a GPU, resnet18 on a CPU)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="model level: also time each eager and fused model replayed from a CUDA graph")
     parser.add_argument("--image-size", type=int,
                         help="model-level input size (default 224; 64 with --quick)")
     parser.add_argument("--compile", nargs="*", metavar="MODE", dest="compile_modes",
@@ -69,6 +71,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        raise SystemExit("--cuda-graphs needs a CUDA device")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     batch = args.batch or (2 if args.quick else 256 if device.type == "cuda" else 8)
     names = args.shapes or (QUICK_NAMES if args.quick else [s.name for s in CONV_SHAPES])
@@ -107,7 +111,8 @@ def main(argv=None) -> int:
         image_size = args.image_size or (64 if args.quick else 224)
         for depth in depths:
             jobs.append((depth, lambda depth=depth: models.run_model(
-                depth, batch, image_size, dtype, device, compile_modes, args.min_run_time)))
+                depth, batch, image_size, dtype, device, compile_modes, args.min_run_time,
+                cuda_graphs=args.cuda_graphs)))
 
     rows = []
     for name, job in tqdm(jobs, desc="shapes", disable=len(jobs) < 2):
@@ -120,8 +125,7 @@ def main(argv=None) -> int:
     memory_rows = []
     if "memory" in args.ops:
         memory_backends = args.backends or default_backends("bn_act", device)
-        channels, size = (64, 14) if args.quick else (64, 56)
-        memory_rows = memory.run(batch, channels, size, dtype, device, memory_backends)
+        memory_rows = memory.run(batch, 14 if args.quick else 56, dtype, device, memory_backends)
     paths = report.write(args.out, env, rows, memory_rows)
     paths += plots.write(args.out, env, rows)
     print()

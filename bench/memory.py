@@ -1,13 +1,14 @@
-"""Training-mode activation memory of a residual block, fused against eager.
+"""Training-mode activation memory of ResNet blocks, fused (rf.nn) against eager (torchvision's blocks).
 
 Counts the bytes autograd keeps for the backward (every distinct storage a saved-tensor hook sees),
 which is deterministic and the same on any device, and on a GPU also the peak allocated memory of
-forward + backward."""
+forward + backward. The unit "activations" is the block input's size."""
 import torch
-import torch.nn.functional as F
+import torchvision
 
 import resnet_fused as rf
-from resnet_fused import reference
+
+TV = torchvision.models.resnet
 
 
 def saved_bytes(fn, *args) -> int:
@@ -24,49 +25,36 @@ def saved_bytes(fn, *args) -> int:
     return sum(storages.values())
 
 
-class BasicBlockOps:
-    """conv-BN-ReLU-conv-BN-add-ReLU (ResNet-18/34's block) in training mode, from plain tensors."""
-
-    def __init__(self, channels, device, dtype):
-        conv = lambda: (torch.randn(channels, channels, 3, 3, device=device, dtype=dtype) * 0.05  # noqa: E731
-                        ).contiguous(memory_format=torch.channels_last).requires_grad_()
-        self.w1, self.w2 = conv(), conv()
-        self.bn = [(torch.ones(channels, device=device, requires_grad=True),
-                    torch.zeros(channels, device=device, requires_grad=True),
-                    torch.zeros(channels, device=device), torch.ones(channels, device=device)) for _ in range(2)]
-
-    def forward(self, x, bn_act):
-        y = bn_act(F.conv2d(x, self.w1, padding=1), *self.bn[0])
-        return bn_act(F.conv2d(y, self.w2, padding=1), *self.bn[1], x)
+# (name, torchvision block, fused block, constructor arguments): the first stage's blocks of ResNet-18/34 and
+# of ResNet-50, whose input has args[0] channels.
+BLOCKS = [("BasicBlock", TV.BasicBlock, rf.nn.BasicBlock, (64, 64)),
+          ("Bottleneck", TV.Bottleneck, rf.nn.Bottleneck, (256, 64))]
 
 
-def eager_bn_act(x, weight, bias, mean, var, residual=None):
-    return reference.bn_act(x, weight, bias, mean, var, residual, training=True)
-
-
-def fused_bn_act(backend):
-    def bn_act(x, weight, bias, mean, var, residual=None):
-        return rf.bn_act(x, weight, bias, mean, var, residual, training=True, backend=backend)
-    return bn_act
-
-
-def run(batch, channels, size, dtype, device, backends) -> list[dict]:
-    block = BasicBlockOps(channels, device, dtype)
-    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).contiguous(
-        memory_format=torch.channels_last).requires_grad_()
-    activation = x.numel() * x.element_size()
+def run(batch, size, dtype, device, backends) -> list[dict]:
     rows = []
-    for provider, bn_act in [("eager", eager_bn_act)] + [(f"fused:{b}", fused_bn_act(b)) for b in backends]:
-        row = {"op": "basic_block.memory", "shape": f"c{channels}@{size}", "provider": provider, "batch": batch,
-               "dtype": str(dtype)[6:], "saved_bytes": saved_bytes(block.forward, x, bn_act),
-               "activation_bytes": activation}
-        row["saved_activations"] = row["saved_bytes"] / activation
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            start = torch.cuda.memory_allocated()
-            block.forward(x, bn_act).sum().backward()
-            torch.cuda.synchronize()
-            row["peak_bytes"] = torch.cuda.max_memory_allocated() - start
-        rows.append(row)
+    for name, torchvision_block, fused_block, args in BLOCKS:
+        x = torch.randn(batch, args[0], size, size, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last).requires_grad_()
+        activation = x.numel() * x.element_size()
+        torch.manual_seed(0)
+        eager = torchvision_block(*args).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        candidates = [("eager", eager)]
+        for backend in backends:
+            block = fused_block(*args, backend=backend).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+            block.load_state_dict(eager.state_dict())
+            candidates.append((f"fused:{backend}", block))
+        for provider, block in candidates:
+            row = {"op": "block.memory", "block": name, "shape": f"{name} c{args[0]}@{size}", "provider": provider,
+                   "batch": batch, "dtype": str(dtype)[6:], "saved_bytes": saved_bytes(block, x),
+                   "activation_bytes": activation}
+            row["saved_activations"] = row["saved_bytes"] / activation
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                start = torch.cuda.memory_allocated()
+                block(x).sum().backward()
+                torch.cuda.synchronize()
+                row["peak_bytes"] = torch.cuda.max_memory_allocated() - start
+            rows.append(row)
     return rows

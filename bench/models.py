@@ -1,5 +1,6 @@
-"""Model level: ResNet inference (eval, BN folded) and a training step (forward, backward, SGD), fused
-(rf.models) against eager torchvision and torch.compile of it, with the same weights."""
+"""Model level: ResNet inference (eval, BN folded) at the batch size and at batch 1 (latency), and a training
+step (forward, backward, SGD), fused (rf.models) against eager torchvision and torch.compile of it, with the
+same weights; optionally each also replayed from a CUDA graph."""
 import copy
 
 import torch
@@ -37,8 +38,27 @@ def _train_logits(model, images, device, dtype):
         return model(images).float()
 
 
+def cuda_graphed(fn):
+    """fn captured in a CUDA graph, as a function that replays it and returns the captured output. Warm-up on
+    a side stream first, as torch.cuda.graphs asks; fn's inputs must stay in place (static)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: list[str], min_run_time: float,
-              backend: str | None = None) -> list[dict]:
+              backend: str | None = None, cuda_graphs: bool = False) -> list[dict]:
     import torchvision
 
     torch.manual_seed(0)
@@ -64,23 +84,31 @@ def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: l
             torch._inductor.config.freezing = True  # folds BN into the convs, as a deployment would
         candidates.append((f"compile:{mode}", torch.compile(eager, mode=mode)))
     candidates.append((f"fused:{backend or 'default'}", fused))
-    for provider, model in candidates:
-        row = {"op": "model.inference", "shape": f"{depth} {size}x{size}", "provider": provider, "batch": batch,
-               "dtype": str(dtype)[6:], "throughput_unit": "img/s"}
+    for op, x in (("model.inference", images), ("model.latency", images[:1].clone())):
+        reference_out = eager_out if op == "model.inference" else eager_out[:1]
+        graphed = {}
+        for provider, model in candidates + [(f"{p}+graph", m) for p, m in candidates if cuda_graphs]:
+            row = {"op": op, "shape": f"{depth} {size}x{size}", "provider": provider, "batch": x.shape[0],
+                   "dtype": str(dtype)[6:], "throughput_unit": "img/s"}
 
-        def infer(model=model):
-            with torch.no_grad(), _autocast(device, dtype):
-                return model(images)
+            def infer(model=model, x=x):
+                with torch.no_grad(), _autocast(device, dtype):
+                    return model(x)
 
-        if provider != "eager":
-            check = parity(infer().float(), eager_out.float(), oracle)
-            row["parity"] = str(check)
-            if not check.ok:
-                rows.append({**row, "status": "wrong"})
-                continue
-        timing = measure(infer, device, min_run_time)
-        rows.append({**row, "status": "ok", **timing, "throughput": batch / timing["median_ms"] * 1e3,
-                     "peak_bytes": _peak_bytes(infer, device)})
+            if provider.endswith("+graph"):
+                if provider.removesuffix("+graph") not in graphed:
+                    continue  # its plain run was wrong
+                infer = cuda_graphed(infer)
+            if provider != "eager":
+                check = parity(infer().float(), reference_out.float(), oracle[: x.shape[0]])
+                row["parity"] = str(check)
+                if not check.ok:
+                    rows.append({**row, "status": "wrong"})
+                    continue
+            graphed[provider] = True
+            timing = measure(infer, device, min_run_time)
+            rows.append({**row, "status": "ok", **timing, "throughput": x.shape[0] / timing["median_ms"] * 1e3,
+                         "peak_bytes": _peak_bytes(infer, device)})
     torch._inductor.config.freezing = False
 
     # Training step: forward, loss, backward, SGD step, from the same weights for each provider.
@@ -90,6 +118,8 @@ def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: l
     eager.load_state_dict(start_state)
     train_candidates = [("eager", eager)] + [
         (f"compile:{m}", None) for m in compile_modes if m == "default"] + [(f"fused:{backend or 'default'}", fused)]
+    if cuda_graphs:
+        train_candidates += [(f"{p}+graph", m) for p, m in train_candidates if not p.startswith("compile")]
     for provider, model in train_candidates:
         if model is None:
             torch._dynamo.reset()
@@ -118,6 +148,8 @@ def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: l
                 rows.append({**row, "status": "wrong"})
                 continue
         row["first_loss"] = float(step())
+        if provider.endswith("+graph"):
+            step = cuda_graphed(step)  # the step on the static images and labels, replayed
         timing = measure(step, device, min_run_time)
         rows.append({**row, "status": "ok", **timing, "throughput": batch / timing["median_ms"] * 1e3,
                      "peak_bytes": _peak_bytes(step, device)})

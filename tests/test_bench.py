@@ -30,7 +30,9 @@ def test_quick_run_writes_json_and_markdown(quick_run):
     for key in ("device", "torch", "torch_cuda", "triton", "date", "git_commit", "resnet_fused_backends"):
         assert key in env
     ops = {row["op"] for row in results["rows"]}
-    assert ops == {"conv_bn_act", "bn_act.forward", "bn_act.forward+backward", "model.inference", "model.train_step"}
+    assert ops == {"conv_bn_act", "bn_act.forward", "bn_act.forward+backward", "model.inference", "model.latency",
+                   "model.train_step"}
+    assert {row["batch"] for row in results["rows"] if row["op"] == "model.latency"} == {1}
     for row in results["rows"]:
         assert row["status"] == "ok", row
         assert row["median_ms"] > 0 and row["low_ms"] <= row["median_ms"] <= row["high_ms"]
@@ -45,7 +47,8 @@ def test_quick_run_writes_json_and_markdown(quick_run):
     memory = results["memory"]
     assert {row["provider"] for row in memory} >= {"eager", "fused:reference"}
     assert all(row["saved_bytes"] > 0 for row in memory)
-    for op in ("conv_bn_act", "bn_act.forward", "bn_act.forward_backward", "model.inference", "model.train_step"):
+    for op in ("conv_bn_act", "bn_act.forward", "bn_act.forward_backward", "model.inference", "model.latency",
+               "model.train_step"):
         assert (out / f"{op}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert env["ceilings"]["copy_gbps"] > 0 and env["ceilings"]["matmul_tflops"] > 0
     markdown = (out / "results.md").read_text()
@@ -68,14 +71,20 @@ def test_wrong_kernel_is_not_timed(tmp_path, monkeypatch):
     assert "wrong result, not timed" in (tmp_path / "results.md").read_text()
 
 
+def test_cuda_graphs_need_a_gpu():
+    with pytest.raises(SystemExit, match="--cuda-graphs needs a CUDA device"):
+        bench_main.main(["--cuda-graphs", "--device", "cpu"])
+
+
 def test_unknown_shape_is_refused():
     with pytest.raises(SystemExit, match="unknown shapes: nope"):
         bench_main.main(["--shapes", "nope", "--device", "cpu"])
 
 
-def test_memory_fused_block_saves_no_more_than_eager():
+def test_memory_fused_blocks_save_less_than_eager():
     from bench import memory
 
-    rows = memory.run(2, 16, 8, torch.float32, torch.device("cpu"), ["reference"])
-    eager, fused = (row["saved_bytes"] for row in rows)
-    assert fused <= eager
+    rows = memory.run(2, 8, torch.float32, torch.device("cpu"), ["reference"])
+    for block in ("BasicBlock", "Bottleneck"):
+        eager, fused = (row["saved_bytes"] for row in rows if row["block"] == block)
+        assert fused < eager, block

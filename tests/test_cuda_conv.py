@@ -35,13 +35,14 @@ BLOCK_K = 32  # conv_geometry.h: kBlockK
 # ------------------------------------------------------------------------------------------------------
 # Address math on the CPU
 
-# (N, C, H, W), (K, R, S), stride, padding, dilation: ResNet's kinds of conv plus odd ones.
+# (N, C, H, W), (K, R, S), stride, padding, dilation: ResNet's kinds of conv plus odd ones; C a multiple of 8,
+# as the tensor-core kernels require.
 GEOMETRIES = [
     ((2, 16, 9, 9), (8, 3, 3), 1, 1, 1),
     ((1, 64, 8, 8), (16, 1, 1), 1, 0, 1),
     ((2, 32, 9, 11), (24, 1, 1), 2, 0, 1),
     ((1, 8, 17, 17), (8, 3, 3), 2, 1, 1),
-    ((1, 3, 20, 20), (8, 7, 7), 2, 3, 1),      # the stem: C = 3, masked past C within the chunk
+    ((1, 8, 20, 20), (8, 7, 7), 2, 3, 1),      # a stem-like 7x7 stride 2: mostly padding at the borders
     ((1, 40, 12, 12), (8, 3, 3), 1, 2, 2),     # dilation; C = 40: a partial second k-tile
     ((3, 24, 5, 7), (16, 3, 1), (2, 1), (1, 0), (1, 1)),  # non-square kernel, stride and padding
     ((1, 8, 4, 4), (8, 5, 5), 1, 2, 1),        # kernel wider than the input: mostly padding
@@ -80,6 +81,17 @@ def test_operand_gather_matches_unfold(x_shape, w_shape, stride, padding, dilati
     torch.testing.assert_close(a[:, :, :c], want_a, rtol=0, atol=0)
     torch.testing.assert_close(b[:, :, :c], want_b, rtol=0, atol=0)
     assert (a[:, :, c:] == -1).all() and (b[:, :, c:] == -1).all(), "channels past C must be masked"
+
+
+@needs_cuda_build
+def test_channels_not_a_multiple_of_8_would_be_read_wrongly():
+    """Why the dispatcher sends C % 8 != 0 (the 3-channel stem) to the direct kernel: a 16-byte chunk
+    starting at a valid channel runs into the next pixel's channels."""
+    a, _, _ = ops._cuda_conv_gather([1, 3, 6, 6], [4, 3, 3, 3], [1, 1], [1, 1], [1, 1])
+    want, _ = expected_gather((1, 3, 6, 6), (4, 3, 3), (1, 1), (1, 1), (1, 1))
+    a = a.reshape(-1, 9, BLOCK_K)
+    torch.testing.assert_close(a[:, :, :3], want, rtol=0, atol=0)  # channels 0-2 right ...
+    assert (a[:, :, 3:8] >= 0).any(), "... but lanes 3-7 of the chunk read real elements instead of zeros"
 
 
 @needs_cuda_build

@@ -238,3 +238,61 @@ def test_bad_input(mode):
         model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(TypeError, match="fused block class"):
         rf.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+
+
+# ---- GPU: CUDA graphs (no host synchronization anywhere in a training step or the eval forward) ----
+
+GPU_BACKENDS = ["reference", "cuda", "triton"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: runs in a GPU session")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_cuda_graph_training_step_and_inference(backend):
+    if backend not in rf.available_backends():
+        pytest.skip(f"backend {backend!r} is not available here")
+    torch.manual_seed(0)
+    make = lambda: small_resnet(backend=backend).cuda().to(memory_format=torch.channels_last)  # noqa: E731
+    graphed, eager = make(), make()
+    eager.load_state_dict(graphed.state_dict())
+    opt_graphed = torch.optim.SGD(graphed.parameters(), lr=0.05, momentum=0.9)
+    opt_eager = torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9)
+    images = torch.randn(8, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (8,), device="cuda")
+
+    def step(model, optimizer, x, y):
+        optimizer.zero_grad(set_to_none=False)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    # Warm up on a side stream (as torch.cuda.graphs asks), mirrored on the eager copy, then capture.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(graphed, opt_graphed, images, labels)
+            step(eager, opt_eager, images, labels)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(graphed, opt_graphed, images, labels)
+    for _ in range(2):  # capture ran nothing; each replay is one step on the current images
+        images.copy_(torch.randn_like(images))
+        graph.replay()
+        expected = step(eager, opt_eager, images, labels)
+        torch.testing.assert_close(static_loss, expected, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(graphed.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+    # Inference: the eval forward (BN folded inside the captured region) captures and replays too.
+    graphed.eval()
+    eager.eval()
+    with torch.no_grad():
+        graphed(images)  # warm-up
+        inference = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(inference):
+            static_logits = graphed(images)
+        images.copy_(torch.randn_like(images))
+        inference.replay()
+        torch.testing.assert_close(static_logits, eager(images), rtol=1e-4, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Synchronized BN: two processes on the gloo backend (CPU) against one process on the whole batch."""
+"""Synchronized BN: two processes on the gloo backend (CPU) against one process on the whole batch, for the
+op and for a fused ResNet under DistributedDataParallel."""
 import socket
 
 import pytest
@@ -72,6 +73,56 @@ def test_two_processes_match_one_big_batch(backend, dtype, tmp_path):
     for key in ("running_mean", "running_var"):
         for r in ranks:
             assert_parity(r[key], results["torch"][key], results["oracle"][key], what=key)
+
+
+# ---- a fused ResNet-18 with convert_sync_batchnorm under DDP ----
+
+MODEL_BATCH, MODEL_CLASSES = 4, 3  # two images per rank: DDP's gradient average is then the full-batch mean
+
+
+def model_and_batch(backend):
+    torch.manual_seed(0)
+    model = rf.models.resnet18(num_classes=MODEL_CLASSES, backend=backend).double()
+    images = torch.randn(MODEL_BATCH, 3, 32, 32, dtype=torch.float64)
+    labels = torch.randint(0, MODEL_CLASSES, (MODEL_BATCH,))
+    return model, images, labels
+
+
+def train_step(model, images, labels):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    logits = model(images)
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    optimizer.step()
+    return logits.detach()
+
+
+def ddp_worker(rank, port, backend, out_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        model, images, labels = model_and_batch(backend)
+        model = torch.nn.parallel.DistributedDataParallel(rf.nn.convert_sync_batchnorm(model))
+        rows = slice(rank * MODEL_BATCH // WORLD, (rank + 1) * MODEL_BATCH // WORLD)
+        logits = train_step(model, images[rows], labels[rows])
+        torch.save({"logits": logits, "state": model.module.state_dict()}, f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_ddp_sync_bn_resnet_matches_one_process(backend, tmp_path):
+    """A training step of a fused ResNet-18 with synchronized BN on two processes equals the step of one
+    process on the whole batch: the logits, every parameter after SGD, the running statistics."""
+    if backend not in backends_for("bn_act", "cpu"):
+        pytest.skip(f"backend {backend!r} is not available here")
+    mp.spawn(ddp_worker, args=(free_port(), backend, str(tmp_path / "rank")), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank.{r}") for r in range(WORLD)]
+    model, images, labels = model_and_batch(backend)
+    logits = train_step(model, images, labels)
+    torch.testing.assert_close(torch.cat([r["logits"] for r in ranks]), logits, rtol=1e-9, atol=1e-12)
+    for rank in ranks:
+        assert rank["state"].keys() == model.state_dict().keys()
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(rank["state"][key], value, rtol=1e-9, atol=1e-12, msg=key)
 
 
 def test_process_group_needs_initialized_distributed():

@@ -1,8 +1,8 @@
 """rf.nn.BasicBlock and rf.nn.Bottleneck: torchvision's ResNet blocks (same constructor, attribute
 names and state_dict keys), running on the fused ops.
 
-Each conv + BN pair is one `FusedModule._conv_bn` step; the block's last step adds the shortcut and
-applies ReLU in the same op. `plain=True` builds the block without its skip connection (no shortcut
+Each conv + BN pair is one step of `FusedModule._conv_bn_steps`; the block's last step adds the shortcut
+and applies ReLU in the same op. `plain=True` builds the block without its skip connection (no shortcut
 is added, and a downsample branch is refused): the "plain" network of the ResNet paper.
 """
 import torch
@@ -55,8 +55,7 @@ class BasicBlock(FusedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.conv1.in_channels, type(self).__name__)
         shortcut = None if self.plain else self._downsample(x, self.downsample)
-        out = self._conv_bn("conv1", x, self.conv1, self.bn1)
-        return self._conv_bn("conv2", out, self.conv2, self.bn2, shortcut)
+        return self._conv_bn_steps(x, [("conv1", self.conv1, self.bn1), ("conv2", self.conv2, self.bn2)], shortcut)
 
     def _fused_norms(self):
         return [self.bn1, self.bn2, *downsample_norms(self.downsample)]
@@ -90,9 +89,8 @@ class Bottleneck(FusedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.conv1.in_channels, type(self).__name__)
         shortcut = None if self.plain else self._downsample(x, self.downsample)
-        out = self._conv_bn("conv1", x, self.conv1, self.bn1)
-        out = self._conv_bn("conv2", out, self.conv2, self.bn2)
-        return self._conv_bn("conv3", out, self.conv3, self.bn3, shortcut)
+        steps = [("conv1", self.conv1, self.bn1), ("conv2", self.conv2, self.bn2), ("conv3", self.conv3, self.bn3)]
+        return self._conv_bn_steps(x, steps, shortcut)
 
     def _fused_norms(self):
         return [self.bn1, self.bn2, self.bn3, *downsample_norms(self.downsample)]

@@ -18,13 +18,16 @@ mode on and a parameter that requires grad), so eval-mode gradients reach the co
 
 training (or a BN without running statistics): the conv (`conv_bn_act` with no bias, residual or ReLU),
 then `bn_act(training=True)`, which adds the residual, applies ReLU and updates the running statistics
-as nn.BatchNorm2d does (num_batches_tracked, momentum=None as a cumulative average).
+as nn.BatchNorm2d does (num_batches_tracked, momentum=None as a cumulative average). Inside a block, a
+BN + ReLU that feeds the next conv runs in that conv's op instead (`bn_relu_conv`), which saves the BN
+input rather than the ReLU output for the backward (one activation less per inner step).
 """
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import bn_act, conv_bn_act, fold_bn
+from ..ops.bn_relu_conv import bn_relu_conv
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -64,6 +67,15 @@ def _fold(conv: nn.Conv2d, bn, dtype: torch.dtype):
         return _cast(conv.weight, dtype), _cast(conv.bias, dtype)
     weight, bias = fold_bn(conv.weight, conv.bias, bn)
     return _cast(weight, dtype), _cast(bias, dtype)
+
+
+def _trains(bn: nn.Module) -> bool:
+    """Whether bn normalizes with batch statistics: training, or no running statistics to use."""
+    return isinstance(bn, _BatchNorm) and (bn.training or bn.running_mean is None)
+
+
+def _conv_args(conv: nn.Conv2d) -> dict:
+    return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -115,29 +127,58 @@ class FusedModule(nn.Module):
     def _conv_bn(self, key: str, x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
                  residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
         """act(bn(conv(x)) + residual), with bn in the state it is in (its own .training)."""
+        if _trains(bn):
+            return self._batch_norm(self._conv(x, conv), bn, _cast(residual, compute_dtype(x)), relu)
         dtype = compute_dtype(x)
-        x = _cast(x, dtype)
-        residual = _cast(residual, dtype)  # as `out += identity` gives out's dtype
-        conv_args = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
-        if isinstance(bn, _BatchNorm) and (bn.training or bn.running_mean is None):
-            y = conv_bn_act(x, _cast(conv.weight, dtype), _cast(conv.bias, dtype), None, **conv_args, relu=False,
-                            backend=self.backend)
-            return self._batch_norm(y, bn, residual, relu)
         weight, bias = self._folded(key, conv, bn, dtype)
-        return conv_bn_act(x, weight, bias, residual, **conv_args, relu=relu, backend=self.backend)
+        return conv_bn_act(_cast(x, dtype), weight, bias, _cast(residual, dtype), **_conv_args(conv), relu=relu,
+                           backend=self.backend)
 
-    def _batch_norm(self, y, bn: _BatchNorm, residual, relu: bool) -> torch.Tensor:
-        # nn.BatchNorm2d.forward's bookkeeping, line for line.
+    def _conv_bn_steps(self, x: torch.Tensor, steps, residual: torch.Tensor | None) -> torch.Tensor:
+        """A block's main path: relu(bn(conv(x))) through `steps`, [(key, conv, bn), ...], the last step adding
+        `residual` before its ReLU. In training, each BN + ReLU that feeds another conv runs inside that
+        conv's op (bn_relu_conv), which keeps the BN input rather than the ReLU output for the backward."""
+        if not self._recomputes(x, steps):
+            for i, (key, conv, bn) in enumerate(steps):
+                x = self._conv_bn(key, x, conv, bn, residual if i == len(steps) - 1 else None)
+            return x
+        y = self._conv(x, steps[0][1])  # a conv output whose BN + ReLU is still to run
+        for (_, _, bn), (_, conv, _) in zip(steps, steps[1:]):
+            momentum, running_mean, running_var = self._bn_bookkeeping(bn)
+            group = self.process_group if bn.training else None  # as _batch_norm decides
+            y = bn_relu_conv(y, bn.weight, bn.bias, running_mean, running_var, _cast(conv.weight, y.dtype),
+                             momentum=momentum, eps=bn.eps, **_conv_args(conv), process_group=group,
+                             backend=self.backend)
+        return self._batch_norm(y, steps[-1][2], _cast(residual, y.dtype), relu=True)
+
+    def _recomputes(self, x: torch.Tensor, steps) -> bool:
+        """Whether _conv_bn_steps can run its BN + ReLU inside the next conv: in eager training with autograd
+        on, every BN training-mode, every conv after the first with numeric padding, a non-empty batch."""
+        return (len(steps) > 1 and torch.is_grad_enabled() and not torch.compiler.is_compiling() and x.numel() > 0
+                and all(_trains(bn) for _, _, bn in steps)
+                and all(not isinstance(conv.padding, str) and conv.bias is None for _, conv, _ in steps[1:]))
+
+    def _conv(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        """conv(x) alone, on the module's backend, in the compute dtype."""
+        dtype = compute_dtype(x)
+        return conv_bn_act(_cast(x, dtype), _cast(conv.weight, dtype), _cast(conv.bias, dtype), None,
+                           **_conv_args(conv), relu=False, backend=self.backend)
+
+    def _bn_bookkeeping(self, bn: _BatchNorm):
+        """nn.BatchNorm2d.forward's bookkeeping, line for line: (momentum, running_mean, running_var)."""
         momentum = 0.0 if bn.momentum is None else bn.momentum
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
             # momentum=None: a cumulative average; float() syncs with the device, as in nn.BatchNorm2d.
             momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         track = not bn.training or bn.track_running_stats
+        return momentum, bn.running_mean if track else None, bn.running_var if track else None
+
+    def _batch_norm(self, y, bn: _BatchNorm, residual, relu: bool) -> torch.Tensor:
+        momentum, running_mean, running_var = self._bn_bookkeeping(bn)
         extra = {"process_group": self.process_group} if self.process_group is not None and bn.training else {}
-        return bn_act(y, bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None,
-                      residual, training=True, momentum=momentum, eps=bn.eps, relu=relu, backend=self.backend,
-                      **extra)
+        return bn_act(y, bn.weight, bn.bias, running_mean, running_var, residual, training=True, momentum=momentum,
+                      eps=bn.eps, relu=relu, backend=self.backend, **extra)
 
     def _folded(self, key: str, conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype):
         """(weight, bias) of conv with eval-mode bn folded in, in `dtype`: cached in eager when valid."""

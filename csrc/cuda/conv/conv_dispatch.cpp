@@ -102,6 +102,9 @@ Call prepare(const at::Tensor& x_in, const at::Tensor& weight_in, const std::opt
   const int64_t q = (x_in.size(3) + 2 * padding[1] - dilation[1] * (pr.s - 1) - 1) / stride[1] + 1;
   TORCH_CHECK(p > 0 && q > 0, "conv_bn_act: the input ", x_in.sizes(), " with padding ", padding,
               " is smaller than the kernel ", weight_in.sizes(), " with dilation ", dilation);
+  // The kernels compute p * stride - pad and h + r * dilation in 32 bits.
+  checked_int32(x_in.size(2) + 2 * padding[0] + dilation[0] * pr.r, "height + padding + kernel extent");
+  checked_int32(x_in.size(3) + 2 * padding[1] + dilation[1] * pr.s, "width + padding + kernel extent");
   pr.p = checked_int32(p, "output height");
   pr.q = checked_int32(q, "output width");
   checked_int32(pr.gemm_m(), "batch * output height * output width");
@@ -162,7 +165,8 @@ const char* refusal(ConvKernel kernel, const Call& call) {
   if (kernel == ConvKernel::kDirect) return nullptr;
   if (const char* why = tensor_core_refusal(call.args)) return why;
   const int device = call.x.get_device();
-  if (kernel == ConvKernel::kMmaSm80) return device_major(device) >= 8 ? nullptr : "it needs compute capability 8.0 or later";
+  if (kernel == ConvKernel::kMmaSm80)
+    return device_major(device) >= 8 ? nullptr : "it needs compute capability 8.0 or later";
 #ifdef RESNET_FUSED_SM90
   if (device_major(device) != 9 || device_minor(device) != 0) return "it runs on compute capability 9.0 only";
   return conv::conv_sm90_workspace(call.args) >= 0 ? nullptr : "CUTLASS's can_implement refuses the problem";

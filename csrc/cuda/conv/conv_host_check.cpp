@@ -31,9 +31,11 @@ Problem problem_of(at::IntArrayRef x_shape, at::IntArrayRef w_shape, at::IntArra
   return pr;
 }
 
-// The kernels' operand gathers: a[m][t * kBlockK + j] = offset in the NHWC x of the element that output
-// pixel m multiplies in k-tile t at channel lane j (-1: zero-filled), b[k][t * kBlockK + j] = offset in the
-// OHWI weight, and the output shape (P, Q).
+// The kernels' operand gathers, chunk by chunk as conv_mma_kernel copies them: a[m][t * kBlockK + j] =
+// offset in the NHWC x of the element that output pixel m multiplies in k-tile t at channel lane j (-1:
+// zero-filled), b[k][t * kBlockK + j] = offset in the OHWI weight, and the output shape (P, Q). The kernel
+// computes one offset per 16-byte chunk (lane j / 8) and copies 8 consecutive elements from it, so the
+// gathers equal the convolution's only when C is a multiple of 8, which the dispatcher requires.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gather(at::IntArrayRef x_shape, at::IntArrayRef w_shape,
                                                       at::IntArrayRef stride, at::IntArrayRef padding,
                                                       at::IntArrayRef dilation) {
@@ -44,12 +46,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather(at::IntArrayRef x_shape, a
   at::Tensor a = at::empty({pr.gemm_m(), cols}, opts), b = at::empty({pr.k, cols}, opts);
   int64_t* ap = a.data_ptr<int64_t>();
   int64_t* bp = b.data_ptr<int64_t>();
+  auto element = [](int64_t chunk_offset, int32_t j) { return chunk_offset < 0 ? -1 : chunk_offset + j % kChunkElems; };
   for (int32_t t = 0; t < tiles; ++t) {
     const KTile kt = k_tile(pr, t, kBlockK);
     for (int32_t j = 0; j < kBlockK; ++j) {
+      const int32_t c = kt.c0 + (j / kChunkElems) * kChunkElems;  // the chunk's first channel
       for (int64_t m = 0; m < pr.gemm_m(); ++m)
-        ap[m * cols + t * kBlockK + j] = activation_offset(pr, output_pixel(pr, static_cast<int32_t>(m)), kt.r, kt.s, kt.c0 + j);
-      for (int32_t k = 0; k < pr.k; ++k) bp[k * cols + t * kBlockK + j] = filter_offset(pr, k, kt.r, kt.s, kt.c0 + j);
+        ap[m * cols + t * kBlockK + j] =
+            element(activation_offset(pr, output_pixel(pr, static_cast<int32_t>(m)), kt.r, kt.s, c), j);
+      for (int32_t k = 0; k < pr.k; ++k) bp[k * cols + t * kBlockK + j] = element(filter_offset(pr, k, kt.r, kt.s, c), j);
     }
   }
   at::Tensor pq = at::empty({2}, opts);

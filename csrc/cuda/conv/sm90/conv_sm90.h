@@ -23,4 +23,18 @@ int64_t workspace(const ConvArgs& args);
 template <DType kDType, int kTileN>
 Status run(const ConvArgs& args, void* workspace);
 
+// The specializations that exist, one per conv_sm90_<dtype>_n<N>.cu.
+#define RF_SM90_DECLARE(DTYPE, TILE_N)                                  \
+  template <>                                                           \
+  int64_t workspace<DType::DTYPE, TILE_N>(const ConvArgs& args);        \
+  template <>                                                           \
+  Status run<DType::DTYPE, TILE_N>(const ConvArgs& args, void* workspace);
+RF_SM90_DECLARE(kHalf, 64)
+RF_SM90_DECLARE(kHalf, 128)
+RF_SM90_DECLARE(kHalf, 256)
+RF_SM90_DECLARE(kBFloat16, 64)
+RF_SM90_DECLARE(kBFloat16, 128)
+RF_SM90_DECLARE(kBFloat16, 256)
+#undef RF_SM90_DECLARE
+
 }  // namespace resnet_fused::cuda::conv::sm90

@@ -21,12 +21,36 @@
 #include "cutlass/conv/dispatch_policy.hpp"
 #include "cutlass/conv/kernel/conv_universal.hpp"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/epilogue/thread/activation.h"
 
 #include "../conv_launch.h"
 #include "conv_sm90.h"
 
 namespace resnet_fused::cuda::conv::sm90 {
+
+// ReLU when Arguments::relu, else the identity: `v < 0 ? 0 : v` as torch.relu (NaN passes, -inf and -0 give
+// +0). CUTLASS's LeakyReLU with slope 0 would turn -inf into NaN (-inf * 0) and negatives into -0.
+template <class T>
+struct ReluIf {
+  static constexpr bool kIsHeavy = false;
+  struct Arguments {
+    bool relu = true;
+  };
+  CUTLASS_HOST_DEVICE T operator()(T const& v, Arguments const& args) const {
+    return args.relu && v < T(0) ? T(0) : v;
+  }
+};
+
+template <class T, int N>
+struct ReluIf<cutlass::Array<T, N>> {
+  static constexpr bool kIsHeavy = false;
+  using Arguments = typename ReluIf<T>::Arguments;
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& v, Arguments const& args) const {
+    cutlass::Array<T, N> out;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) out[i] = ReluIf<T>{}(v[i], args);
+    return out;
+  }
+};
 
 template <DType kDType>
 using ElementOf = std::conditional_t<kDType == DType::kHalf, cutlass::half_t, cutlass::bfloat16_t>;
@@ -39,7 +63,7 @@ struct Kernel {
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte TMA alignment
   using TileShape = cute::Shape<cute::Int<tile_m_for(kTileN)>, cute::Int<kTileN>, cute::Shape<cute::_64>>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-  using FusionOp = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::LeakyReLU, Element,
+  using FusionOp = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<ReluIf, Element,
                                                                        Acc, Element, Element, Acc>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -74,11 +98,14 @@ struct Kernel {
     fusion.alpha = 1.f;
     fusion.beta = residual ? 1.f : 0.f;
     fusion.bias_ptr = static_cast<const Element*>(a.bias);  // null: no bias (CUTLASS adds 0)
-    fusion.activation.leaky_alpha = a.relu ? 0.f : 1.f;
+    fusion.activation.relu = a.relu;
     return args;
   }
 
   static int64_t workspace(const ConvArgs& a) {
+    // TMA im2col takes traversal strides of at most 8 (cuTensorMapEncodeIm2col's elementStrides) and no
+    // empty extent; can_implement checks neither, and with -DNDEBUG a failed encode would go unnoticed.
+    if (a.problem.stride_h > 8 || a.problem.stride_w > 8 || a.problem.c == 0 || a.problem.k == 0) return -1;
     const auto args = arguments(a);
     if (Conv::can_implement(args) != cutlass::Status::kSuccess) return -1;
     return static_cast<int64_t>(Conv::get_workspace_size(args));
