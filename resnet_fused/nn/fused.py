@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..backends import resolve_backend
 from ..ops import bn_act, conv_bn_act, fold_bn
 from ..ops.bn_relu_conv import bn_relu_conv
 
@@ -153,8 +154,12 @@ class FusedModule(nn.Module):
 
     def _recomputes(self, x: torch.Tensor, steps) -> bool:
         """Whether _conv_bn_steps can run its BN + ReLU inside the next conv: in eager training with autograd
-        on, every BN training-mode, every conv after the first with numeric padding, a non-empty batch."""
-        return (len(steps) > 1 and torch.is_grad_enabled() and not torch.compiler.is_compiling() and x.numel() > 0
+        on (not under torch.compile or a torch.func transform), on a fused backend (the reference backend
+        stays plain PyTorch), every BN training-mode, every conv after the first with numeric padding and
+        no bias, a non-empty batch."""
+        return (len(steps) > 1 and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch._C._are_functorch_transforms_active() and x.numel() > 0
+                and resolve_backend("bn_act", self.backend, x.device, compute_dtype(x)) != "reference"
                 and all(_trains(bn) for _, _, bn in steps)
                 and all(not isinstance(conv.padding, str) and conv.bias is None for _, conv, _ in steps[1:]))
 

@@ -10,6 +10,8 @@ grad_bias stay local (DDP averages parameter gradients itself, as with nn.SyncBa
 import torch
 import torch.distributed as dist
 
+from ._no_double_backward import differentiable_once
+
 
 def _local_stats(x: torch.Tensor, stats_dtype: torch.dtype) -> torch.Tensor:
     """(3, C): count, mean, biased variance of this process's batch (zeros for an empty batch)."""
@@ -93,6 +95,7 @@ class SyncBNAct(torch.autograd.Function):
         return out
 
     @staticmethod
+    @differentiable_once("bn_act with process_group")  # the statistics are saved as constants
     def backward(ctx, grad_out):
         x, weight, mean, invstd, out, total = ctx.saved_tensors
         grad_x, grad_weight, grad_bias, g = bn_backward(grad_out, out, x, weight, mean, invstd, total, ctx.relu,
