@@ -26,6 +26,13 @@ from setuptools import find_packages, setup  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = Path(__file__).parent.resolve()
+
+
+def _sources_digest() -> str:
+    spec = importlib.util.spec_from_file_location("_sources", ROOT / "resnet_fused" / "_sources.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.sources_digest(ROOT)
 DEFAULT_CUDA_ARCHS = "80;90a"
 
 
@@ -117,6 +124,7 @@ def write_build_config(cuda_archs, skip_reason, sm90_skip):
         "cuda_archs": cuda_archs if skip_reason is None else [],
         "cutlass_sm90_compiled": skip_reason is None and sm90_skip is None,
         "cutlass_sm90_skip_reason": skip_reason or sm90_skip,
+        "sources_sha256": _sources_digest(),  # what bench/gpu_check.sh checks carried libraries against
     }
     (ROOT / "resnet_fused" / "_build_config.json").write_text(json.dumps(config, indent=2) + "\n")
 

@@ -5,10 +5,15 @@
 # 540): steps run in priority order (correctness first), each with its own limit cut to what is left, and a
 # failed step does not stop the next, so one problem does not hide the others.
 #
-# The GPU machine has no package registry and no CUTLASS headers. Before the call, here:
+# The libraries built here (same torch 2.11.0+cu130, an abi3 build that loads on the GPU machine's Python
+# 3.12) can travel, which saves the minutes a build would take there: after `pip install
+# --no-build-isolation -e .` here,
+#   run(command="bash bench/gpu_check.sh", carry=["resnet_fused/_C.abi3.so", "resnet_fused/_C_cuda.abi3.so",
+#       "resnet_fused/_build_config.json"], timeout_s=590)
+# They are used only when _build_config.json's source digest matches the checkout's csrc/. Otherwise the
+# script builds there, which needs the CUTLASS headers (no package registry there): here,
 #   echo /.whl/ >> .git/info/exclude && pip download --no-deps -d .whl nvidia-cutlass==4.2.0.0
-# then run it with carry [".whl"]:
-#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=590)
+# and add ".whl" to carry.
 set -u
 OUT=${OUT:-bench/out/gpu}
 BUDGET=${BUDGET:-540}
@@ -44,8 +49,21 @@ fi
   nvcc --version | tail -1
 } > "$OUT/environment.txt" 2>&1
 
-# Editable, so that `python -m bench` from the checkout sees the compiled libraries.
-step install 240 pip install --no-build-isolation --no-deps -e .
+carried_libraries_match() {
+  python - <<'EOF'
+import json, pathlib, runpy, sys
+config = json.loads(pathlib.Path("resnet_fused/_build_config.json").read_text())
+digest = runpy.run_path("resnet_fused/_sources.py")["sources_digest"](pathlib.Path("."))
+sys.exit(0 if config.get("cuda_compiled") and config.get("sources_sha256") == digest else 1)
+EOF
+}
+if ls resnet_fused/_C_cuda*.so > /dev/null 2>&1 && carried_libraries_match 2> /dev/null; then
+  echo "install skipped: the carried libraries match csrc/" | tee -a "$OUT/steps.txt"
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  # Editable, so that `python -m bench` from the checkout sees the compiled libraries.
+  step install 240 pip install --no-build-isolation --no-deps -e .
+fi
 step build_info 30 python -c "import json, resnet_fused as rf; print(json.dumps(rf.build_info(), indent=1)); print(rf.available_backends())"
 # Correctness first: the kernel parity suites, then everything that runs on the device.
 step tests_cuda_conv 120 pytest tests/test_cuda_conv.py -q -rs --junitxml="$OUT/tests_cuda_conv.xml"

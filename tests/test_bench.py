@@ -90,3 +90,14 @@ def test_memory_fused_blocks_save_less_than_eager():
     for block in ("BasicBlock", "Bottleneck"):
         saved = {row["provider"]: row["saved_bytes"] for row in rows if row["block"] == block}
         assert saved["fused:cpu"] < saved["eager"] == saved["fused:reference"], (block, saved)
+
+
+def test_worst_shape_is_the_lowest_ratio_to_conv_alone():
+    from bench.worst_shape import worst_shape
+
+    rows = [{"op": "conv_bn_act", "status": "ok", "shape": shape, "provider": provider, "median_ms": ms}
+            for shape, provider, ms in [("a", "conv_alone", 1.0), ("a", "fused:cuda", 1.1),
+                                        ("b", "conv_alone", 1.0), ("b", "fused:cuda", 2.0),
+                                        ("c", "conv_alone", 1.0), ("c", "fused:triton", 9.0)]]
+    assert worst_shape(rows, "fused:cuda") == "b"
+    assert worst_shape(rows, "fused:cpu") is None
