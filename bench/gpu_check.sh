@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (the `device` tool; see DEVELOPERS.md): build, the GPU tests, compute-sanitizer
+# The one prepared GPU run (a lent GPU; records go to bench/results/): build, the GPU tests, compute-sanitizer
 # on the kernel tests, the benchmarks and one ncu profile, with logs and JSON under $OUT. The device tool
 # allows 600 s per command and 15 minutes per session, so the whole script keeps to BUDGET seconds (default
 # 540): steps run in priority order (correctness first), each with its own limit cut to what is left, and a

@@ -173,7 +173,7 @@ def test_conv_kernels_do_not_spill():
 def test_conv_has_a_cuda_kernel_but_is_not_the_default_yet():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("resnet_fused::conv_bn_act", "CUDA")
     assert rf.backends.has_kernel("conv_bn_act", "cuda")
-    # Not default until a committed GPU record shows parity (DEVELOPERS.md).
+    # Not default until a committed GPU record shows parity (backends.GPU_VERIFIED, bench/results/).
     if "conv_bn_act" not in rf.backends.GPU_VERIFIED["cuda"]:
         assert rf.backends._default_backend("conv_bn_act", torch.device("cuda"), torch.bfloat16) != "cuda"
 
