@@ -10,15 +10,9 @@
 * GPU only: every ResNet-50 conv shape at batch 2 in bf16 / fp16 / fp32, every config on a few
   shapes, and the autotuned path.
 """
-import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 import torch
+from triton_support import DEVICE, aot_compile, gpu_only, require_runnable
 
 from resnet_fused import reference
 from resnet_fused.ops._layout import empty_output
@@ -26,16 +20,7 @@ from resnet_fused.shapes import RESNET50_CONVS
 from resnet_fused.testing import parity
 from resnet_fused.triton_kernels import conv_bn_act as mod
 
-HAS_CUDA = torch.cuda.is_available()
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-if not HAS_CUDA and not mod.INTERPRET:
-    pytest.skip("no CUDA device, and TRITON_INTERPRET=1 was not set before the kernels were imported "
-                "(tests/conftest.py sets it)", allow_module_level=True)
-
-gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+require_runnable(mod)
 
 CL = torch.channels_last
 CF = torch.contiguous_format
@@ -249,20 +234,7 @@ def test_aot_compile_all_configs(tmp_path):
     problems of aot.default_cases(), compiles for sm_80 and sm_90 in bf16 and fp16; the GEMM
     kernel uses mma.sync (sm_80) / wgmma (sm_90); nothing spills.  Runs in a subprocess without
     TRITON_INTERPRET (under the interpreter @triton.jit kernels cannot be compiled)."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(
-        os.pathsep)
-    out = tmp_path / "aot.json"
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "resnet_fused.triton_kernels.aot", "--dtypes", "bf16,fp16",
-         "--json", str(out)], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
-        timeout=600)
-    elapsed = time.perf_counter() - t0
-    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads(out.read_text())
-    print(proc.stdout.splitlines()[-1], f"(test wall {elapsed:.0f} s)")
+    rows = aot_compile(tmp_path, "--dtypes", "bf16,fp16", timeout=600)
     failed = [(r["case"], r["arch"], r["dtype"], r["tile"], r["error"][:300])
               for r in rows if not r["ok"]]
     assert not failed, failed

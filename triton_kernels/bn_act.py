@@ -355,6 +355,20 @@ def _tile_base(it, chunks, R, stride_o, stride_r, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _elementwise_program(C, INDEX_64: tl.constexpr, BLOCK_C: tl.constexpr):
+    """An elementwise program's work: its tile index (int64 when INDEX_64), its channels and their mask.
+    The grid is tiles x channel blocks, channel blocks fastest."""
+    pid = tl.program_id(0)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    it = pid // c_blocks
+    pid_c = pid - it * c_blocks
+    if INDEX_64:
+        it = it.to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return it, offs_c, offs_c < C
+
+
+@triton.jit
 def _item_range(pid_p, num_p, N_OUTER, R, BLOCK_R: tl.constexpr):
     """The tiles [start, end) of partial pid_p of num_p, in int64, balanced to within one tile."""
     chunks = tl.cdiv(R, BLOCK_R)
@@ -527,15 +541,7 @@ def _bn_apply_kernel(
     batch mean and invstd (fp32).  EVAL: they are the running mean and variance; invstd is computed
     here, and the programs of the first row tile write save_mean, save_invstd and copies of the
     running statistics (the eval forward is this one launch)."""
-    pid = tl.program_id(0)
-    c_blocks = tl.cdiv(C, BLOCK_C)
-    it = pid // c_blocks
-    pid_c = pid - it * c_blocks
-    if INDEX_64:
-        it = it.to(tl.int64)
-
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
+    it, offs_c, c_ok = _elementwise_program(C, INDEX_64, BLOCK_C)
     w = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     mean_raw = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
@@ -658,15 +664,7 @@ def _bn_bwd_apply_kernel(
 ):
     """grad_x = w * invstd * (g - mean_g - xhat * mean_gxhat) on one tile (training), reading g
     from grad_pre (written by the reduce pass) and the coefficients from ws[0:2C]."""
-    pid = tl.program_id(0)
-    c_blocks = tl.cdiv(C, BLOCK_C)
-    it = pid // c_blocks
-    pid_c = pid - it * c_blocks
-    if INDEX_64:
-        it = it.to(tl.int64)
-
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
+    it, offs_c, c_ok = _elementwise_program(C, INDEX_64, BLOCK_C)
     mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     invstd = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     k = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32) * invstd

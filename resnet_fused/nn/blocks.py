@@ -25,10 +25,32 @@ def _check_plain(plain: bool, downsample) -> None:
         raise ValueError("a plain block has no skip connection, so it takes no downsample branch (downsample=None)")
 
 
-class BasicBlock(FusedModule):
+class _ResidualBlock(FusedModule):
+    """What BasicBlock and Bottleneck share: the main path is the conv + BN steps conv1/bn1, conv2/bn2, ...
+    (`_depth` of them), the last one adding the shortcut."""
+
+    _depth: int
+
+    def _steps(self):
+        return [(f"conv{i}", getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, self._depth + 1)]
+
+    def _check_norms(self) -> None:
+        check_norms(self, [f"bn{i}" for i in range(1, self._depth + 1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.conv1.in_channels, type(self).__name__)
+        shortcut = None if self.plain else self._downsample(x, self.downsample)
+        return self._conv_bn_steps(x, self._steps(), shortcut)
+
+    def _fused_norms(self):
+        return [bn for _, _, bn in self._steps()] + downsample_norms(self.downsample)
+
+
+class BasicBlock(_ResidualBlock):
     """torchvision.models.resnet.BasicBlock on the fused ops: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)."""
 
     expansion: int = 1
+    _depth = 2
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None, *,
@@ -50,21 +72,14 @@ class BasicBlock(FusedModule):
         self.downsample = downsample
         self.stride = stride
         self.plain = plain
-        check_norms(self, ["bn1", "bn2"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.conv1.in_channels, type(self).__name__)
-        shortcut = None if self.plain else self._downsample(x, self.downsample)
-        return self._conv_bn_steps(x, [("conv1", self.conv1, self.bn1), ("conv2", self.conv2, self.bn2)], shortcut)
-
-    def _fused_norms(self):
-        return [self.bn1, self.bn2, *downsample_norms(self.downsample)]
+        self._check_norms()
 
 
-class Bottleneck(FusedModule):
+class Bottleneck(_ResidualBlock):
     """torchvision.models.resnet.Bottleneck (ResNet v1.5: the stride on the 3x3 conv) on the fused ops."""
 
     expansion: int = 4
+    _depth = 3
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None, *,
@@ -84,13 +99,4 @@ class Bottleneck(FusedModule):
         self.downsample = downsample
         self.stride = stride
         self.plain = plain
-        check_norms(self, ["bn1", "bn2", "bn3"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.conv1.in_channels, type(self).__name__)
-        shortcut = None if self.plain else self._downsample(x, self.downsample)
-        steps = [("conv1", self.conv1, self.bn1), ("conv2", self.conv2, self.bn2), ("conv3", self.conv3, self.bn3)]
-        return self._conv_bn_steps(x, steps, shortcut)
-
-    def _fused_norms(self):
-        return [self.bn1, self.bn2, self.bn3, *downsample_norms(self.downsample)]
+        self._check_norms()
