@@ -112,6 +112,21 @@ __device__ __forceinline__ void sum_over_y(acc_t (&a)[kVec], acc_t (&b)[kVec]) {
   }
 }
 
+// The NHWC reductions' write-back: row 0 of the block stores the pair (a, b) of each of its kVec channels as
+// the partials of `tile`, channel-major ([channel][tile]), for the finalize kernels.
+template <typename acc_t, int kVec>
+__device__ __forceinline__ void store_partials(const TilePlan& plan, int64_t c0, int64_t tile, const acc_t (&a)[kVec],
+                                               const acc_t (&b)[kVec], acc_t* __restrict__ partial_a,
+                                               acc_t* __restrict__ partial_b) {
+  if (threadIdx.y != 0 || c0 >= plan.channels) return;
+  const int64_t tiles = plan.tiles();
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    partial_a[(c0 + k) * tiles + tile] = a[k];
+    partial_b[(c0 + k) * tiles + tile] = b[k];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Forward statistics: one partial (mean, m2) per tile and channel, stored at [channel][tile].
 
@@ -140,14 +155,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   welford_over_y<acc_t, kVec>(mean, m2, n);
-  if (threadIdx.y == 0 && c0 < channels) {
-    const int64_t tiles = plan.tiles();
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      partial_mean[(c0 + k) * tiles + tile] = mean[k];
-      partial_m2[(c0 + k) * tiles + tile] = m2[k];
-    }
-  }
+  store_partials<acc_t, kVec>(plan, c0, tile, mean, m2, partial_mean, partial_m2);
 }
 
 template <typename scalar_t, int kVec>
@@ -345,14 +353,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   sum_over_y<acc_t, kVec>(sum_g, sum_gx);
-  if (threadIdx.y == 0 && c0 < channels) {
-    const int64_t tiles = plan.tiles();
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      partial_g[(c0 + k) * tiles + tile] = sum_g[k];
-      partial_gx[(c0 + k) * tiles + tile] = sum_gx[k];
-    }
-  }
+  store_partials<acc_t, kVec>(plan, c0, tile, sum_g, sum_gx, partial_g, partial_gx);
 }
 
 template <typename scalar_t, int kVec>
