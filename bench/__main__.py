@@ -53,7 +53,8 @@ def parse_args(argv=None):
                         help="ResNet-50/18 conv shapes by name (see resnet_fused/shapes.py) for the conv comparison "
                              "(default: all of them)")
     parser.add_argument("--backends", nargs="+", choices=rf.backends.BACKENDS,
-                        help="fused backends to compare (default: all that run natively here)")
+                        help="fused backends to compare (default: all that run natively here; for the models, "
+                             "the ops' default choice)")
     parser.add_argument("--models", nargs="+", choices=models.DEPTHS,
                         help="ResNets for the model-level comparison (default: resnet50 on a GPU, resnet18 on a CPU)")
     parser.add_argument("--cuda-graphs", action="store_true",
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
         for depth in depths:
             jobs.append((depth, lambda depth=depth: models.run_model(
                 depth, batch, image_size, dtype, device, compile_modes, args.min_run_time,
-                cuda_graphs=args.cuda_graphs)))
+                backends=args.backends or [None], cuda_graphs=args.cuda_graphs)))
 
     rows = []
     for name, job in tqdm(jobs, desc="shapes", disable=len(jobs) < 2):
@@ -121,11 +122,12 @@ def main(argv=None) -> int:
             timing = (f"{row['median_ms']:9.3f} ms {row['throughput']:8.2f} {row['throughput_unit']}"
                       if row["status"] == "ok" else "  WRONG RESULT, not timed")
             tqdm.write(f"{row['op']:26s} {name:18s} {row['provider']:22s} {timing}")
-        report.write(args.out, env, rows)  # after every shape, so a run cut short keeps what it measured
+            report.write(args.out, env, rows)  # after every row, so a run cut short keeps what it measured
     memory_rows = []
     if "memory" in args.ops:
         memory_backends = args.backends or default_backends("bn_act", device)
-        memory_rows = memory.run(batch, 14 if args.quick else 56, dtype, device, memory_backends)
+        memory_rows = memory.run(batch, 14 if args.quick else 56, dtype, device, memory_backends,
+                                 model_size=args.image_size or (64 if args.quick else 224))
     paths = report.write(args.out, env, rows, memory_rows)
     paths += plots.write(args.out, env, rows)
     print()

@@ -1,8 +1,10 @@
-"""Training-mode activation memory of ResNet blocks, fused (rf.nn) against eager (torchvision's blocks).
+"""Training-mode activation memory, fused (rf.nn, rf.models) against eager (torchvision): ResNet blocks, and
+the whole ResNet-50 (also with low_memory=True).
 
-Counts the bytes autograd keeps for the backward (every distinct storage a saved-tensor hook sees),
-which is deterministic and the same on any device, and on a GPU also the peak allocated memory of
-forward + backward. The unit "activations" is the block input's size."""
+Counts the bytes autograd keeps for the backward (every distinct storage a saved-tensor hook sees, less the
+parameters, which the model holds anyway), which is deterministic and the same on any device, and on a GPU
+also the peak allocated memory of forward + backward. For blocks, the unit "activations" is the block
+input's size."""
 import torch
 import torchvision
 
@@ -11,18 +13,46 @@ import resnet_fused as rf
 TV = torchvision.models.resnet
 
 
-def saved_bytes(fn, *args) -> int:
-    """Bytes of the distinct storages autograd saves while fn(*args) runs."""
+def saved_bytes(fn, *args, exclude=()) -> int:
+    """Bytes of the distinct storages autograd saves while fn(*args) runs, less those of `exclude`."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
     storages = {}
 
     def pack(t):
         storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(*args)
     return sum(storages.values())
+
+
+def _peak_forward_backward(module, x) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    module(x).float().sum().backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
+
+
+def _measure(candidates, x, row: dict, activation_bytes: int | None = None) -> list[dict]:
+    """One row per (provider, module): saved bytes (and the ratio to the first, eager), and on a GPU the
+    peak of forward + backward."""
+    rows = []
+    for provider, module in candidates:
+        saved = saved_bytes(module, x, exclude=list(module.parameters()))
+        entry = {**row, "provider": provider, "saved_bytes": saved}
+        entry["vs_eager"] = saved / rows[0]["saved_bytes"] if rows else 1.0
+        if activation_bytes:
+            entry["saved_activations"] = saved / activation_bytes
+        if x.device.type == "cuda":
+            entry["peak_bytes"] = _peak_forward_backward(module, x)
+            module.zero_grad(set_to_none=True)
+        rows.append(entry)
+    return rows
 
 
 # (name, torchvision block, fused block, constructor arguments): the first stage's blocks of ResNet-18/34 and
@@ -31,30 +61,35 @@ BLOCKS = [("BasicBlock", TV.BasicBlock, rf.nn.BasicBlock, (64, 64)),
           ("Bottleneck", TV.Bottleneck, rf.nn.Bottleneck, (256, 64))]
 
 
-def run(batch, size, dtype, device, backends) -> list[dict]:
+def run(batch, size, dtype, device, backends, model_size: int | None = None) -> list[dict]:
+    """Block rows at `size` x `size`; with model_size, ResNet-50 rows at model_size x model_size as well."""
+    channels_last = dict(device=device, dtype=dtype, memory_format=torch.channels_last)
     rows = []
     for name, torchvision_block, fused_block, args in BLOCKS:
         x = torch.randn(batch, args[0], size, size, device=device, dtype=dtype).contiguous(
             memory_format=torch.channels_last).requires_grad_()
-        activation = x.numel() * x.element_size()
         torch.manual_seed(0)
-        eager = torchvision_block(*args).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        eager = torchvision_block(*args).to(**channels_last)
         candidates = [("eager", eager)]
         for backend in backends:
-            block = fused_block(*args, backend=backend).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+            block = fused_block(*args, backend=backend).to(**channels_last)
             block.load_state_dict(eager.state_dict())
             candidates.append((f"fused:{backend}", block))
-        for provider, block in candidates:
-            row = {"op": "block.memory", "block": name, "shape": f"{name} c{args[0]}@{size}", "provider": provider,
-                   "batch": batch, "dtype": str(dtype)[6:], "saved_bytes": saved_bytes(block, x),
-                   "activation_bytes": activation}
-            row["saved_activations"] = row["saved_bytes"] / activation
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                start = torch.cuda.memory_allocated()
-                block(x).sum().backward()
-                torch.cuda.synchronize()
-                row["peak_bytes"] = torch.cuda.max_memory_allocated() - start
-            rows.append(row)
+        row = {"op": "block.memory", "block": name, "shape": f"{name} c{args[0]}@{size}", "batch": batch,
+               "dtype": str(dtype)[6:], "activation_bytes": x.numel() * x.element_size()}
+        rows += _measure(candidates, x, row, row["activation_bytes"])
+    if model_size:
+        torch.manual_seed(0)
+        eager = torchvision.models.resnet50().to(**channels_last)
+        candidates = [("eager", eager)]
+        for backend in backends:
+            for low_memory in (False, True) if backend != "reference" else (False,):  # no effect on reference
+                model = rf.models.resnet50(backend=backend, low_memory=low_memory).to(**channels_last)
+                model.load_state_dict(eager.state_dict())
+                candidates.append((f"fused:{backend}" + ("+low_memory" if low_memory else ""), model))
+        images = torch.randn(batch, 3, model_size, model_size, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        row = {"op": "model.memory", "block": "resnet50", "shape": f"resnet50 {model_size}x{model_size}",
+               "batch": batch, "dtype": str(dtype)[6:]}
+        rows += _measure(candidates, images, row)
     return rows

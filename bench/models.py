@@ -58,20 +58,25 @@ def cuda_graphed(fn):
 
 
 def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: list[str], min_run_time: float,
-              backend: str | None = None, cuda_graphs: bool = False) -> list[dict]:
+              backends=(None,), cuda_graphs: bool = False):
+    """Yields one row per (op, provider) as it is measured; one fused model per entry of `backends` (None:
+    the ops' default backend)."""
     import torchvision
 
     torch.manual_seed(0)
     eager = getattr(torchvision.models, depth)().to(device).to(memory_format=torch.channels_last)
-    fused = getattr(rf.models, depth)(backend=backend).to(device).to(memory_format=torch.channels_last)
-    fused.load_state_dict(eager.state_dict())
+    fused = {}
+    for backend in backends:
+        fused[f"fused:{backend or 'default'}"] = model = getattr(rf.models, depth)(backend=backend).to(device).to(
+            memory_format=torch.channels_last)
+        model.load_state_dict(eager.state_dict())
     images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), device=device)
-    rows = []
 
     # Inference: eval mode, no grad.
     eager.eval()
-    fused.eval()
+    for model in fused.values():
+        model.eval()
     oracle_model = copy.deepcopy(eager).double()
     with torch.no_grad():
         oracle = oracle_model(images.double())
@@ -83,7 +88,7 @@ def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: l
         if mode == "max-autotune" and device.type == "cuda":
             torch._inductor.config.freezing = True  # folds BN into the convs, as a deployment would
         candidates.append((f"compile:{mode}", torch.compile(eager, mode=mode)))
-    candidates.append((f"fused:{backend or 'default'}", fused))
+    candidates += list(fused.items())
     for op, x in (("model.inference", images), ("model.latency", images[:1].clone())):
         reference_out = eager_out if op == "model.inference" else eager_out[:1]
         graphed = {}
@@ -103,12 +108,12 @@ def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: l
                 check = parity(infer().float(), reference_out.float(), oracle[: x.shape[0]])
                 row["parity"] = str(check)
                 if not check.ok:
-                    rows.append({**row, "status": "wrong"})
+                    yield {**row, "status": "wrong"}
                     continue
             graphed[provider] = True
             timing = measure(infer, device, min_run_time)
-            rows.append({**row, "status": "ok", **timing, "throughput": x.shape[0] / timing["median_ms"] * 1e3,
-                         "peak_bytes": _peak_bytes(infer, device)})
+            yield ({**row, "status": "ok", **timing, "throughput": x.shape[0] / timing["median_ms"] * 1e3,
+                   "peak_bytes": _peak_bytes(infer, device)})
     torch._inductor.config.freezing = False
 
     # Training step: forward, loss, backward, SGD step, from the same weights for each provider.
@@ -117,7 +122,7 @@ def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: l
     oracle_train_logits = _train_logits(oracle_model, images.double(), device, torch.float32).double()
     eager.load_state_dict(start_state)
     train_candidates = [("eager", eager)] + [
-        (f"compile:{m}", None) for m in compile_modes if m == "default"] + [(f"fused:{backend or 'default'}", fused)]
+        (f"compile:{m}", None) for m in compile_modes if m == "default"] + list(fused.items())
     if cuda_graphs:
         train_candidates += [(f"{p}+graph", m) for p, m in train_candidates if not p.startswith("compile")]
     for provider, model in train_candidates:
@@ -145,12 +150,11 @@ def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: l
             base.load_state_dict(start_state)
             row["parity"] = str(check)
             if not check.ok:
-                rows.append({**row, "status": "wrong"})
+                yield {**row, "status": "wrong"}
                 continue
         row["first_loss"] = float(step())
         if provider.endswith("+graph"):
             step = cuda_graphed(step)  # the step on the static images and labels, replayed
         timing = measure(step, device, min_run_time)
-        rows.append({**row, "status": "ok", **timing, "throughput": batch / timing["median_ms"] * 1e3,
-                     "peak_bytes": _peak_bytes(step, device)})
-    return rows
+        yield {**row, "status": "ok", **timing, "throughput": batch / timing["median_ms"] * 1e3,
+               "peak_bytes": _peak_bytes(step, device)}

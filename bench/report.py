@@ -98,13 +98,14 @@ def _ratio(entry: dict, key: str) -> str:
 def memory_markdown(memory_rows: list[dict]) -> list[str]:
     if not memory_rows:
         return []
-    lines = ["", "## training activation memory (ResNet blocks, fused vs torchvision's)", "",
-             "| shape | batch | provider | saved for backward, MB | in activations | peak fwd+bwd, MB |",
-             "| --- | ---: | --- | ---: | ---: | ---: |"]
+    lines = ["", "## training activation memory (fused vs torchvision's; parameters not counted)", "",
+             "| shape | batch | provider | saved for backward, MB | in block inputs | vs eager | peak fwd+bwd, MB |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for row in memory_rows:
         peak = f"{row['peak_bytes'] / 1e6:.1f}" if "peak_bytes" in row else "(GPU only)"
+        inputs = f"{row['saved_activations']:.2f}" if "saved_activations" in row else ""
         lines.append(f"| {row['shape']} | {row['batch']} | {row['provider']} | {row['saved_bytes'] / 1e6:.2f} | "
-                     f"{row['saved_activations']:.2f} | {peak} |")
+                     f"{inputs} | {row['vs_eager']:.2f} | {peak} |")
     return lines
 
 

@@ -11,7 +11,8 @@ from .nn.blocks import BasicBlock, Bottleneck
 from .nn.fused import FusedModule, init_fused_state, is_fusable_conv, is_fusable_norm
 
 
-def fuse(model: nn.Module, backend: str | None = None, inplace: bool = False) -> nn.Module:
+def fuse(model: nn.Module, backend: str | None = None, inplace: bool = False,
+         low_memory: bool | None = None) -> nn.Module:
     """Returns `model` with every block it knows replaced by its fused counterpart:
 
     - torchvision.models.resnet.BasicBlock / Bottleneck -> rf.nn.BasicBlock / Bottleneck;
@@ -24,7 +25,8 @@ def fuse(model: nn.Module, backend: str | None = None, inplace: bool = False) ->
     may change forward), is left alone. The fused module takes over the original's modules and
     attributes as they are, so the weights, train/eval state, device, dtype, memory format, state_dict
     keys and hooks stay; a block with SyncBatchNorm keeps synchronizing across its process group.
-    `backend` is set on every fused module (existing ones included when it is not None).
+    `backend` is set on every fused module (existing ones included when it is not None); `low_memory` on
+    every fused Bottleneck (see rf.nn.Bottleneck; existing ones included when it is not None).
     `inplace=False` converts a deep copy; with `inplace=True` the children are replaced in place,
     but a replaced root is a new object: use the returned model.
     """
@@ -32,7 +34,7 @@ def fuse(model: nn.Module, backend: str | None = None, inplace: bool = False) ->
         raise TypeError(f"fuse: model must be a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    return _convert(model, backend, _known_classes())
+    return _convert(model, backend, low_memory, _known_classes())
 
 
 def _known_classes() -> dict[type, tuple]:
@@ -51,14 +53,16 @@ def _known_classes() -> dict[type, tuple]:
     return known
 
 
-def _convert(module: nn.Module, backend: str | None, known: dict) -> nn.Module:
+def _convert(module: nn.Module, backend: str | None, low_memory: bool | None, known: dict) -> nn.Module:
     if isinstance(module, FusedModule):
         if backend is not None:
             module.backend = backend
     elif type(module) in known and _qualifies(module, *known[type(module)][1:]):
         module = _fused_copy(module, known[type(module)][0], known[type(module)][1], backend)
+    if isinstance(module, Bottleneck) and low_memory is not None:
+        module.low_memory = low_memory
     for name, child in list(module.named_children()):
-        new = _convert(child, backend, known)
+        new = _convert(child, backend, low_memory, known)
         if new is not child:
             setattr(module, name, new)
     return module

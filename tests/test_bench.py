@@ -81,13 +81,13 @@ def test_unknown_shape_is_refused():
         bench_main.main(["--shapes", "nope", "--device", "cpu"])
 
 
-def test_memory_fused_blocks_save_less_than_eager():
+def test_memory_fused_blocks_and_model_save_less_than_eager():
     from bench import memory
 
     if "cpu" not in rf.available_backends():
         pytest.skip("the cpu backend is not built")
-    rows = memory.run(2, 8, torch.float32, torch.device("cpu"), ["reference", "cpu"])
-    for block in ("BasicBlock", "Bottleneck"):
+    rows = memory.run(2, 8, torch.float32, torch.device("cpu"), ["reference", "cpu"], model_size=32)
+    for block in ("BasicBlock", "Bottleneck", "resnet50"):
         saved = {row["provider"]: row["saved_bytes"] for row in rows if row["block"] == block}
         assert saved["fused:cpu"] < saved["eager"] == saved["fused:reference"], (block, saved)
 

@@ -47,6 +47,17 @@ def test_fuse_torchvision(arch, backend, mode):
     assert_same_step(fused, reference, x, steps=2 if mode == "train" else 1)
 
 
+def test_fuse_low_memory():
+    """low_memory reaches every Bottleneck, new or already fused; None leaves the ones already fused alone."""
+    original = set_mode(randomize_bn(small_bottleneck_resnet(num_classes=10)).double(), "train")
+    reference = copy.deepcopy(original)
+    fused = rf.fuse(original, low_memory=True)
+    assert all(block.low_memory for block in fused_blocks(fused))
+    assert all(block.low_memory for block in fused_blocks(rf.fuse(fused)))
+    assert not any(block.low_memory for block in fused_blocks(rf.fuse(fused, low_memory=False)))
+    assert_same_step(fused, reference, torch.randn(2, 3, 48, 48, dtype=torch.float64), steps=2)
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("name", ["resnet18", "resnet26", "resnet26d"])
 def test_fuse_timm(name, mode):

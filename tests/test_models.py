@@ -72,6 +72,22 @@ def test_model_matches_torchvision_float64(depth, backend, plain, mode):
     assert_same_step(fused, reference, x, steps=2 if mode == "train" else 1)
 
 
+@pytest.mark.parametrize("plain", [False, True], ids=["residual", "plain"])
+@pytest.mark.parametrize("backend", BLOCK_BACKENDS)
+def test_low_memory_resnet50_matches_torchvision_float64(backend, plain):
+    """low_memory (conv3's output recomputed in the backward) changes what is kept, not the results."""
+    fused = randomize_bn(rf.models.resnet50(num_classes=10, plain=plain, backend=backend, low_memory=True)).double()
+    assert all(block.low_memory for block in fused.modules() if isinstance(block, rf.nn.Bottleneck))
+    reference = torchvision_reference(fused)
+    assert_same_step(fused, reference, torch.randn(2, 3, 48, 48, dtype=torch.float64), steps=2)
+
+
+def test_low_memory_needs_bottlenecks():
+    with pytest.raises(ValueError, match="low_memory recomputes a Bottleneck's conv3"):
+        rf.models.resnet18(low_memory=True)
+    assert "low_memory=True" in repr(rf.models.resnet50(low_memory=True).layer1[0])
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("backend", BLOCK_BACKENDS)
 @pytest.mark.parametrize("depth", ["resnet18", "resnet50"])

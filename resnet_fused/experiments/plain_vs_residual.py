@@ -113,20 +113,21 @@ def _main_path_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
 
 class BlockGradients:
     """Forward hooks that record, for one backward, the gradient norm at the stem's output (after the
-    max pool) and at every block's output, in depth order."""
+    max pool: layer1's input, since a fused stem runs the pool inside its op) and at every block's output,
+    in depth order."""
 
     def __init__(self, model: nn.Module):
         self.names = ["stem"] + [f"{stage}.{i}" for stage in ("layer1", "layer2", "layer3", "layer4")
                                  for i in range(len(getattr(model, stage)))]
-        modules = [model.maxpool] + [getattr(model, n.split(".")[0])[int(n.split(".")[1])] for n in self.names[1:]]
+        blocks = [getattr(model, n.split(".")[0])[int(n.split(".")[1])] for n in self.names[1:]]
         self.norms: dict[str, float] = {}
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in zip(self.names, modules)]
+        self.handles = [model.layer1.register_forward_pre_hook(lambda module, inputs: self._record("stem", inputs[0]))]
+        self.handles += [m.register_forward_hook(lambda module, inputs, output, name=n: self._record(name, output))
+                         for n, m in zip(self.names[1:], blocks)]
 
-    def _hook(self, name):
-        def hook(module, inputs, output):
-            if output.requires_grad:
-                output.register_hook(lambda g: self.norms.__setitem__(name, float(g.detach().norm())))
-        return hook
+    def _record(self, name: str, output: torch.Tensor) -> None:
+        if output.requires_grad:
+            output.register_hook(lambda g: self.norms.__setitem__(name, float(g.detach().norm())))
 
     def remove(self):
         for h in self.handles:

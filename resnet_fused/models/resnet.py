@@ -4,25 +4,35 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from ..nn.blocks import BasicBlock, Bottleneck, conv1x1
 from ..nn.fused import FusedModule, check_input, check_norms
+from ..ops.recomputed_bn_relu import bn_relu_max_pool
 
 
 class ResNet(FusedModule):
-    """torchvision.models.ResNet with fused blocks and a fused stem (conv1 + bn1 + ReLU in one op).
+    """torchvision.models.ResNet with fused blocks and a fused stem (conv1 + bn1 + ReLU in one op; in training
+    on a fused backend, the conv, then BN + ReLU + max pool in one op that keeps only the conv output for the
+    backward).
 
     Same constructor as torchvision's, plus `plain` (no skip connections: no shortcut is added and no
-    downsample branch is built) and `backend` (given to every fused module; None = the ops' default).
+    downsample branch is built), `backend` (given to every fused module; None = the ops' default) and
+    `low_memory` (Bottleneck networks only: each block recomputes conv3's output in the backward, see
+    rf.nn.Bottleneck).
     """
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int = 1000,
                  zero_init_residual: bool = False, groups: int = 1, width_per_group: int = 64,
                  replace_stride_with_dilation: list[bool] | None = None, norm_layer=None, *,
-                 plain: bool = False, backend: str | None = None):
+                 plain: bool = False, backend: str | None = None, low_memory: bool = False):
         super().__init__(backend)
         if not (isinstance(block, type) and issubclass(block, FusedModule)):
             raise TypeError(f"block must be a fused block class (rf.nn.BasicBlock, rf.nn.Bottleneck), got {block!r}")
+        if low_memory and not issubclass(block, Bottleneck):
+            raise ValueError("low_memory recomputes a Bottleneck's conv3 (ResNet-50/101/152); "
+                             f"{block.__name__} has no such conv")
+        self._low_memory = low_memory  # for _make_layer, which has torchvision's signature
         if plain and zero_init_residual:
             raise ValueError("zero_init_residual zeroes each block's last BN, which cuts a plain network's signal")
         if norm_layer is None:
@@ -79,7 +89,7 @@ class ResNet(FusedModule):
                 conv1x1(self.inplanes, planes * block.expansion, stride),
                 norm_layer(planes * block.expansion),
             )
-        fused = dict(plain=self.plain, backend=self.backend)
+        fused = dict(plain=self.plain, backend=self.backend, **({"low_memory": True} if self._low_memory else {}))
         layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width, previous_dilation,
                         norm_layer, **fused)]
         self.inplanes = planes * block.expansion
@@ -93,8 +103,7 @@ class ResNet(FusedModule):
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:  # torchvision's name, which some code calls
         check_input(x, self.conv1.in_channels, "ResNet")
-        x = self._conv_bn("stem", x, self.conv1, self.bn1)
-        x = self.maxpool(x)
+        x = self._stem(x)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
@@ -102,6 +111,18 @@ class ResNet(FusedModule):
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """maxpool(relu(bn1(conv1(x)))). In training on a fused backend, BN + ReLU run inside the max pool's
+        op, which keeps the conv output for the backward and recomputes the ReLU output and the pool's argmax
+        from it: eager keeps the conv output, the ReLU output and the pool's int64 indices."""
+        pool = self.maxpool
+        if type(pool) is nn.MaxPool2d and not pool.return_indices and self._recomputes(x, [self.bn1]):
+            y = self._conv(x, self.conv1)
+            return bn_relu_max_pool(y, **self._training_bn_args(self.bn1), kernel_size=_pair(pool.kernel_size),
+                                    stride=_pair(pool.stride), padding=_pair(pool.padding),
+                                    dilation=_pair(pool.dilation), ceil_mode=pool.ceil_mode)
+        return self.maxpool(self._conv_bn("stem", x, self.conv1, self.bn1))
 
     def _fused_norms(self):
         return [self.bn1]

@@ -20,7 +20,9 @@ training (or a BN without running statistics): the conv (`conv_bn_act` with no b
 then `bn_act(training=True)`, which adds the residual, applies ReLU and updates the running statistics
 as nn.BatchNorm2d does (num_batches_tracked, momentum=None as a cumulative average). Inside a block, a
 BN + ReLU that feeds the next conv runs in that conv's op instead (`bn_relu_conv`), which saves the BN
-input rather than the ReLU output for the backward (one activation less per inner step).
+input rather than the ReLU output for the backward (one activation less per inner step); the ResNet stem's
+BN + ReLU runs in its max pool's op (`bn_relu_max_pool`) the same way. A Bottleneck with `low_memory` also
+runs its last conv and BN in that op (`bn_relu_conv_bn_act`), which recomputes the conv output instead.
 """
 import torch
 from torch import nn
@@ -28,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..backends import resolve_backend
 from ..ops import bn_act, conv_bn_act, fold_bn
-from ..ops.bn_relu_conv import bn_relu_conv
+from ..ops.recomputed_bn_relu import bn_relu_conv, bn_relu_conv_bn_act
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -135,33 +137,53 @@ class FusedModule(nn.Module):
         return conv_bn_act(_cast(x, dtype), weight, bias, _cast(residual, dtype), **_conv_args(conv), relu=relu,
                            backend=self.backend)
 
-    def _conv_bn_steps(self, x: torch.Tensor, steps, residual: torch.Tensor | None) -> torch.Tensor:
+    def _conv_bn_steps(self, x: torch.Tensor, steps, residual: torch.Tensor | None,
+                       low_memory: bool = False) -> torch.Tensor:
         """A block's main path: relu(bn(conv(x))) through `steps`, [(key, conv, bn), ...], the last step adding
         `residual` before its ReLU. In training, each BN + ReLU that feeds another conv runs inside that
-        conv's op (bn_relu_conv), which keeps the BN input rather than the ReLU output for the backward."""
-        if not self._recomputes(x, steps):
+        conv's op (bn_relu_conv), which keeps the BN input rather than the ReLU output for the backward; with
+        `low_memory`, the last conv and BN run in the op of the BN + ReLU before them as well
+        (bn_relu_conv_bn_act), which recomputes the last conv's output in the backward instead of keeping it."""
+        norms, next_convs = [bn for _, _, bn in steps], [conv for _, conv, _ in steps[1:]]
+        if len(steps) < 2 or not self._recomputes(x, norms, next_convs):
             for i, (key, conv, bn) in enumerate(steps):
                 x = self._conv_bn(key, x, conv, bn, residual if i == len(steps) - 1 else None)
             return x
         y = self._conv(x, steps[0][1])  # a conv output whose BN + ReLU is still to run
-        for (_, _, bn), (_, conv, _) in zip(steps, steps[1:]):
-            momentum, running_mean, running_var = self._bn_bookkeeping(bn)
-            group = self.process_group if bn.training else None  # as _batch_norm decides
-            y = bn_relu_conv(y, bn.weight, bn.bias, running_mean, running_var, _cast(conv.weight, y.dtype),
-                             momentum=momentum, eps=bn.eps, **_conv_args(conv), process_group=group,
-                             backend=self.backend)
-        return self._batch_norm(y, steps[-1][2], _cast(residual, y.dtype), relu=True)
+        # One synchronization group per op: the tail op holds two BNs, which must agree on it.
+        tail = low_memory and norms[-2].training == norms[-1].training
+        pairs = list(zip(norms, next_convs))
+        for bn, conv in pairs[:-1] if tail else pairs:
+            y = bn_relu_conv(y, **self._training_bn_args(bn), conv_weight=_cast(conv.weight, y.dtype),
+                             **_conv_args(conv))
+        if not tail:
+            return self._batch_norm(y, norms[-1], _cast(residual, y.dtype), relu=True)
+        inner = self._training_bn_args(norms[-2])
+        last, conv = norms[-1], next_convs[-1]
+        momentum, running_mean, running_var = self._bn_bookkeeping(last)
+        return bn_relu_conv_bn_act(y, **inner, conv_weight=_cast(conv.weight, y.dtype), bn2_weight=last.weight,
+                                   bn2_bias=last.bias, bn2_running_mean=running_mean, bn2_running_var=running_var,
+                                   residual=_cast(residual, y.dtype), momentum2=momentum, eps2=last.eps,
+                                   **_conv_args(conv))
 
-    def _recomputes(self, x: torch.Tensor, steps) -> bool:
-        """Whether _conv_bn_steps can run its BN + ReLU inside the next conv: in eager training with autograd
-        on (not under torch.compile or a torch.func transform), on a fused backend (the reference backend
-        stays plain PyTorch), every BN training-mode, every conv after the first with numeric padding and
-        no bias, a non-empty batch."""
-        return (len(steps) > 1 and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    def _recomputes(self, x: torch.Tensor, norms, next_convs=()) -> bool:
+        """Whether a BN + ReLU can run inside the op that follows it (recomputed in the backward): in eager
+        training with autograd on (not under torch.compile or a torch.func transform), on a fused backend (the
+        reference backend stays plain PyTorch), every BN in `norms` training-mode, every conv in `next_convs`
+        with numeric padding and no bias, a non-empty batch."""
+        return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and not torch._C._are_functorch_transforms_active() and x.numel() > 0
                 and resolve_backend("bn_act", self.backend, x.device, compute_dtype(x)) != "reference"
-                and all(_trains(bn) for _, _, bn in steps)
-                and all(not isinstance(conv.padding, str) and conv.bias is None for _, conv, _ in steps[1:]))
+                and all(_trains(bn) for bn in norms)
+                and all(not isinstance(conv.padding, str) and conv.bias is None for conv in next_convs))
+
+    def _training_bn_args(self, bn: _BatchNorm) -> dict:
+        """The BN arguments of a recomputed BN + ReLU op (bn_relu_conv, bn_relu_max_pool, bn_relu_conv_bn_act),
+        after nn.BatchNorm2d's bookkeeping."""
+        momentum, running_mean, running_var = self._bn_bookkeeping(bn)
+        return dict(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=running_mean, running_var=running_var,
+                    momentum=momentum, eps=bn.eps, backend=self.backend,
+                    process_group=self.process_group if bn.training else None)  # as _batch_norm decides
 
     def _conv(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         """conv(x) alone, on the module's backend, in the compute dtype."""
@@ -229,6 +251,8 @@ class FusedModule(nn.Module):
         parts = []
         if getattr(self, "plain", False):
             parts.append("plain=True")
+        if getattr(self, "low_memory", False):
+            parts.append("low_memory=True")
         if self.backend is not None:
             parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)

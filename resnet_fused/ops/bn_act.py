@@ -120,7 +120,9 @@ def _fake_backward(grad_out, out, x, weight, save_mean, save_invstd, training, r
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu = inputs
     out, save_mean, save_invstd, _, _ = output
-    ctx.save_for_backward(x, weight, save_mean, save_invstd, out)
+    # The output only for ReLU's mask: without ReLU (a downsample branch) keeping it would hold one more
+    # activation until the backward, which the gradient kernels do not read.
+    ctx.save_for_backward(x, weight, save_mean, save_invstd, out if relu else None)
     ctx.training, ctx.relu = training, relu
 
 
@@ -134,7 +136,7 @@ def _backward_with(backward_op):
 def _backward(ctx, grad_out, backward_op):
     x, weight, save_mean, save_invstd, out = ctx.saved_tensors
     grad_x, grad_weight, grad_bias, grad_pre = backward_op(
-        grad_out, out, x, weight, save_mean, save_invstd, ctx.training, ctx.relu
+        grad_out, out if ctx.relu else x, x, weight, save_mean, save_invstd, ctx.training, ctx.relu
     )
     need_x, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
     return (

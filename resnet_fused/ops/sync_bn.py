@@ -90,7 +90,7 @@ class SyncBNAct(torch.autograd.Function):
         out = bn_act(x, weight.to(mean.dtype), bias.to(mean.dtype), mean, var, residual, training=False,
                      eps=eps, relu=relu, backend=backend)
         invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, weight, mean, invstd, out, total)
+        ctx.save_for_backward(x, weight, mean, invstd, out if relu else None, total)  # out: ReLU's mask only
         ctx.relu, ctx.group, ctx.has_residual = relu, group, residual is not None
         return out
 
