@@ -1,11 +1,12 @@
 """Model level: ResNet inference (eval, BN folded) at the batch size and at batch 1 (latency), and a training
-step (forward, backward, SGD), fused (rf.models) against eager torchvision and torch.compile of it, with the
-same weights; optionally each also replayed from a CUDA graph."""
+step (forward, backward, SGD), fused (rf.models; for Bottleneck networks also with low_memory) against eager
+torchvision and torch.compile of it, with the same weights; optionally each also replayed from a CUDA graph."""
 import copy
 
 import torch
 
 import resnet_fused as rf
+from resnet_fused.backends import resolve_backend
 from resnet_fused.testing import parity
 
 from .timing import measure
@@ -30,12 +31,13 @@ def _autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
-def _train_logits(model, images, device, dtype):
-    """Logits in training mode (batch statistics); the running statistics this updates are reset by the
-    caller, which reloads the starting state."""
+def _train_logits(model, images, device, dtype, grad: bool = False):
+    """Logits in training mode (batch statistics); with `grad`, recorded by autograd as in a training step,
+    whose forward path the fused models take only then (they keep less for the backward). The running
+    statistics this updates are reset by the caller, which reloads the starting state."""
     model.train()
-    with torch.no_grad(), _autocast(device, dtype):
-        return model(images).float()
+    with torch.set_grad_enabled(grad), _autocast(device, dtype):
+        return model(images).float().detach()
 
 
 def cuda_graphed(fn):
@@ -121,8 +123,14 @@ def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: l
     eager_train_logits = _train_logits(eager, images, device, dtype)
     oracle_train_logits = _train_logits(oracle_model, images.double(), device, torch.float32).double()
     eager.load_state_dict(start_state)
-    train_candidates = [("eager", eager)] + [
-        (f"compile:{m}", None) for m in compile_modes if m == "default"] + list(fused.items())
+    # low_memory (Bottleneck networks, a fused backend): conv3's output recomputed in the backward
+    low_memory = {}
+    if depth not in ("resnet18", "resnet34"):
+        for provider, model in fused.items():
+            if resolve_backend("bn_act", model.backend, device, dtype) != "reference":
+                low_memory[f"{provider}+low_memory"] = rf.fuse(model, low_memory=True)  # a copy
+    train_candidates = [("eager", eager)] + [(f"compile:{m}", None) for m in compile_modes if m == "default"]
+    train_candidates += list(fused.items()) + list(low_memory.items())
     if cuda_graphs:
         train_candidates += [(f"{p}+graph", m) for p, m in train_candidates if not p.startswith("compile")]
     for provider, model in train_candidates:
@@ -146,7 +154,8 @@ def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: l
                "dtype": str(dtype)[6:], "throughput_unit": "img/s"}
         if provider != "eager":
             # Train-mode logits (batch statistics) from the starting weights, against eager and float64.
-            check = parity(_train_logits(model, images, device, dtype), eager_train_logits, oracle_train_logits)
+            check = parity(_train_logits(model, images, device, dtype, grad=not provider.startswith("compile")),
+                           eager_train_logits, oracle_train_logits)
             base.load_state_dict(start_state)
             row["parity"] = str(check)
             if not check.ok:

@@ -101,3 +101,18 @@ def test_worst_shape_is_the_lowest_ratio_to_conv_alone():
                                         ("c", "conv_alone", 1.0), ("c", "fused:triton", 9.0)]]
     assert worst_shape(rows, "fused:cuda") == "b"
     assert worst_shape(rows, "fused:cpu") is None
+
+
+def test_models_time_each_backend_and_low_memory_for_bottlenecks():
+    """--backends gives one fused model per backend; a Bottleneck network on a fused backend is also trained
+    with low_memory, checked against float64 first like every other row."""
+    from bench import models
+
+    if "cpu" not in rf.available_backends():
+        pytest.skip("the cpu backend is not built")
+    rows = list(models.run_model("resnet50", 2, 32, torch.float32, torch.device("cpu"), [], 0.01,
+                                 backends=["reference", "cpu"]))
+    assert all(row["status"] == "ok" for row in rows), rows
+    train = [row["provider"] for row in rows if row["op"] == "model.train_step"]
+    assert train == ["eager", "fused:reference", "fused:cpu", "fused:cpu+low_memory"]
+    assert all("parity" in row for row in rows if row["provider"] != "eager")

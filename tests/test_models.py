@@ -138,8 +138,10 @@ def test_weights_argument_loads_a_torchvision_state_dict():
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_autocast_bfloat16(mode):
-    model = set_mode(randomize_bn(rf.models.resnet18(num_classes=10)), mode)
+@pytest.mark.parametrize("depth,options", [("resnet18", {}), ("resnet50", {"low_memory": True})],
+                         ids=["resnet18", "resnet50_low_memory"])
+def test_autocast_bfloat16(depth, options, mode):
+    model = set_mode(randomize_bn(getattr(rf.models, depth)(num_classes=10, **options)), mode)
     reference = torchvision_reference(model)
     x = torch.randn(2, 3, 48, 48)
     exact = copy.deepcopy(reference)(x)
