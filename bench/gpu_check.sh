@@ -83,8 +83,10 @@ step memcheck_triton 45 compute-sanitizer --tool memcheck --error-exitcode 1 \
 # Speed: every ResNet-50 conv shape and the BN shapes at batch 256 against eager, cuDNN alone and
 # torch.compile (default mode; max-autotune compiles for minutes per shape and does not fit here).
 step bench_ops 150 python -m bench --ops conv bn memory --compile default --out "$OUT/bench"
-# reference is the default on a GPU until a committed record verifies the kernels; cuda and triton beside it.
-step bench_models 90 python -m bench --ops models --compile default --cuda-graphs --backends reference cuda triton \
+# reference is the default on a GPU until a committed record verifies the kernels; cuda and triton (those that
+# loaded) beside it.
+gpu_backends=$(python -c "import resnet_fused as rf; print(*[b for b in ('cuda', 'triton') if b in rf.available_backends()])")
+step bench_models 90 python -m bench --ops models --compile default --cuda-graphs --backends reference $gpu_backends \
   --out "$OUT/bench_models"
 # What limits the CUDA conv where it does worst against cuDNN.
 worst=$(python -m bench.worst_shape "$OUT/bench/results.json" 2>/dev/null)

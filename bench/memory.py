@@ -2,9 +2,10 @@
 the whole ResNet-50 (also with low_memory=True).
 
 Counts the bytes autograd keeps for the backward (every distinct storage a saved-tensor hook sees, less the
-parameters, which the model holds anyway), which is deterministic and the same on any device, and on a GPU
-also the peak allocated memory of forward + backward. For blocks, the unit "activations" is the block
-input's size."""
+parameters, which the model holds anyway), which is deterministic and the same on any device, and the peak
+memory allocated during forward + backward above what was allocated before (the allocator's view: the
+saved tensors, the gradients, every temporary; on a GPU cuDNN's workspaces, on a CPU oneDNN's). For
+blocks, the unit "activations" is the block input's size."""
 import torch
 import torchvision
 
@@ -29,13 +30,30 @@ def saved_bytes(fn, *args, exclude=()) -> int:
     return sum(storages.values())
 
 
+def _forward_backward(module, x) -> None:
+    out = module(x)
+    out.backward(torch.ones_like(out))  # a dense gradient in the output's layout, as a next layer would give
+
+
 def _peak_forward_backward(module, x) -> int:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
-    module(x).float().sum().backward()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - start
+    """The most memory allocated at once during forward + backward, above what was allocated before: from the
+    CUDA allocator's statistics, or on a CPU from the profiler's allocation events in time order."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        _forward_backward(module, x)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        _forward_backward(module, x)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    allocated = peak = 0
+    for event in events:
+        allocated += event.nbytes()  # negative for a free
+        peak = max(peak, allocated)
+    return peak
 
 
 def _measure(candidates, x, row: dict, activation_bytes: int | None = None) -> list[dict]:
@@ -48,9 +66,8 @@ def _measure(candidates, x, row: dict, activation_bytes: int | None = None) -> l
         entry["vs_eager"] = saved / rows[0]["saved_bytes"] if rows else 1.0
         if activation_bytes:
             entry["saved_activations"] = saved / activation_bytes
-        if x.device.type == "cuda":
-            entry["peak_bytes"] = _peak_forward_backward(module, x)
-            module.zero_grad(set_to_none=True)
+        entry["peak_bytes"] = _peak_forward_backward(module, x)
+        module.zero_grad(set_to_none=True)
         rows.append(entry)
     return rows
 

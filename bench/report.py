@@ -102,7 +102,7 @@ def memory_markdown(memory_rows: list[dict]) -> list[str]:
              "| shape | batch | provider | saved for backward, MB | in block inputs | vs eager | peak fwd+bwd, MB |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for row in memory_rows:
-        peak = f"{row['peak_bytes'] / 1e6:.1f}" if "peak_bytes" in row else "(GPU only)"
+        peak = f"{row['peak_bytes'] / 1e6:.1f}"
         inputs = f"{row['saved_activations']:.2f}" if "saved_activations" in row else ""
         lines.append(f"| {row['shape']} | {row['batch']} | {row['provider']} | {row['saved_bytes'] / 1e6:.2f} | "
                      f"{inputs} | {row['vs_eager']:.2f} | {peak} |")
