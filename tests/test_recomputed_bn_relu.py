@@ -161,6 +161,19 @@ def test_tail_parity_with_the_unfused_ops(case, fused_backend, memory_format):
     assert out.is_contiguous(memory_format=memory_format)
 
 
+@pytest.mark.parametrize("trainable", [["x"], ["bn weight", "bn bias"], ["conv weight"], ["bn2 weight", "bn2 bias"],
+                                       ["residual"]], ids=str)
+def test_tail_gradients_of_some_inputs_only(trainable):
+    """Frozen parameters, or an input without a gradient: the gradients asked for are still right."""
+    if "cpu" not in backends_for("bn_act", "cpu"):
+        pytest.skip("the cpu backend is not available here")
+    case = TAIL_CASES[0]
+    inputs = tail_sample(case, torch.float32, torch.contiguous_format)
+    for name, t in zip(TAIL_NAMES, inputs):
+        t.requires_grad_(name in trainable)
+    assert_matches_unfused(tail_fused(case, "cpu"), tail_unfused(case), inputs, TAIL_NAMES)
+
+
 def test_without_affine_parameters_or_running_statistics(fused_backend):
     """BN layers built with affine=False and track_running_stats=False: ones and zeros stand in for the
     parameters, and no running statistics are updated."""

@@ -138,7 +138,10 @@ class ConvNext:
 @dataclasses.dataclass(frozen=True)
 class MaxPoolNext:
     """max_pool2d(y), as nn.MaxPool2d (pairs of ints). tensors: (). Its backward recomputes the argmax with the
-    same kernel as the forward, so ties and NaNs pick the same element."""
+    same kernel as the forward, so exact ties and NaNs pick the same element. The recomputed y can differ
+    from the forward's in the last bit (the two compute x * scale + shift in another order), so where the
+    ReLU's input is within rounding of 0 the gradient may go to another element of the window: the ReLU's
+    kink, where the gradient is a convention anyway."""
     kernel_size: tuple
     stride: tuple
     padding: tuple
