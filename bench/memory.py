@@ -57,8 +57,8 @@ def _peak_forward_backward(module, x) -> int:
 
 
 def _measure(candidates, x, row: dict, activation_bytes: int | None = None) -> list[dict]:
-    """One row per (provider, module): saved bytes (and the ratio to the first, eager), and on a GPU the
-    peak of forward + backward."""
+    """One row per (provider, module): saved bytes (and the ratio to the first, eager) and the peak of
+    forward + backward."""
     rows = []
     for provider, module in candidates:
         saved = saved_bytes(module, x, exclude=list(module.parameters()))

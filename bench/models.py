@@ -114,8 +114,8 @@ def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: l
                     continue
             graphed[provider] = True
             timing = measure(infer, device, min_run_time)
-            yield ({**row, "status": "ok", **timing, "throughput": x.shape[0] / timing["median_ms"] * 1e3,
-                   "peak_bytes": _peak_bytes(infer, device)})
+            yield {**row, "status": "ok", **timing, "throughput": x.shape[0] / timing["median_ms"] * 1e3,
+                   "peak_bytes": _peak_bytes(infer, device)}
     torch._inductor.config.freezing = False
 
     # Training step: forward, loss, backward, SGD step, from the same weights for each provider.
