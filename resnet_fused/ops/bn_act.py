@@ -27,6 +27,14 @@ def _param_dtype(x, params: dict) -> torch.dtype:
     return dtype
 
 
+def backend_ops(name: str):
+    """The (bn_act, bn_act_backward) op pair of a backend with bn_act kernels (cpu, cuda: the C++ ops; triton)."""
+    ops = torch.ops.resnet_fused
+    if name == "triton":
+        return ops.bn_act_triton, ops.bn_act_backward_triton
+    return ops.bn_act, ops.bn_act_backward
+
+
 def bn_act(x, weight, bias, running_mean, running_var, residual=None, *, training, momentum=0.1, eps=1e-5,
            relu=True, process_group=None, backend=None):
     """act(batch_norm(x) + residual), in one op.
@@ -84,7 +92,7 @@ def bn_act(x, weight, bias, running_mean, running_var, residual=None, *, trainin
     def param(t, fill):
         return t if t is not None else torch.full((channels,), fill, dtype=param_dtype, device=x.device)
 
-    op = torch.ops.resnet_fused.bn_act_triton if name == "triton" else torch.ops.resnet_fused.bn_act
+    op, _ = backend_ops(name)
     out, _, _, new_mean, new_var = op(
         x, param(weight, 1.0), param(bias, 0.0), residual, param(running_mean, 0.0), param(running_var, 1.0),
         training, float(momentum), float(eps), relu,

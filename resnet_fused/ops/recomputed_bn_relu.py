@@ -32,17 +32,9 @@ import torch.nn.functional as F
 from ..backends import resolve_backend
 from ._layout import dense, output_memory_format
 from ._no_double_backward import differentiable_once
-from .bn_act import bn_act
+from .bn_act import backend_ops
 from .conv_bn_act import conv_bn_act
-from .sync_bn import batch_stats, bn_backward
-
-
-def _ops_for(backend: str):
-    """The (training forward, backward) op pair of a backend with bn_act kernels."""
-    ops = torch.ops.resnet_fused
-    if backend == "triton":
-        return ops.bn_act_triton, ops.bn_act_backward_triton
-    return ops.bn_act, ops.bn_act_backward
+from .sync_bn import bn_backward, bn_forward
 
 
 def _affine(x, weight, bias, running_mean):
@@ -68,14 +60,11 @@ class _BatchNorm:
         """act(batch_norm(x) + residual) with batch statistics, running statistics updated in place:
         (out, mean, invstd, count), count None without a group."""
         if self.group is not None:
-            mean, var, total = batch_stats(x, running_mean, running_var, momentum, self.group)
-            # Normalizing with the global batch statistics is eval mode's math: one pass on the backend.
-            out = bn_act(x, weight.to(mean.dtype), bias.to(mean.dtype), mean, var, residual, training=False, eps=eps,
-                         relu=relu, backend=self.backend)
-            return out, mean, torch.rsqrt(var + eps), total
+            return bn_forward(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu, self.group,
+                              self.backend)
         if x.shape[0] * x.shape[2] * x.shape[3] == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
-        forward_op, _ = _ops_for(self.name)
+        forward_op, _ = backend_ops(self.name)
         untracked = running_mean is None  # the kernels take running statistics: give them scratch ones
         out, mean, invstd, new_mean, new_var = forward_op(
             x, weight, bias, residual, torch.zeros_like(weight) if untracked else running_mean,
@@ -90,7 +79,7 @@ class _BatchNorm:
         """(grad_x, grad_weight, grad_bias, grad_pre) of forward."""
         if self.group is not None:
             return bn_backward(grad_out, out, x, weight, mean, invstd, total, relu, self.group)
-        _, backward_op = _ops_for(self.name)
+        _, backward_op = backend_ops(self.name)
         return backward_op(grad_out, out, x, weight, mean, invstd, True, relu)
 
 

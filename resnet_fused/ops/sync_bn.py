@@ -79,17 +79,25 @@ def bn_backward(grad_out, out, x, weight, mean, invstd, total, relu: bool, group
     return grad_x, grad_weight, grad_bias, g
 
 
+def bn_forward(x, weight, bias, residual, running_mean, running_var, momentum: float, eps: float, relu: bool,
+               group, backend):
+    """act(batch_norm(x) + residual) with the batch statistics over `group`, running statistics updated as in
+    batch_stats: (out, mean, invstd, count)."""
+    from .bn_act import bn_act
+
+    mean, var, total = batch_stats(x, running_mean, running_var, momentum, group)
+    # Normalizing with given statistics is eval mode's math: one fused pass. The statistics stay in
+    # float32 (float64 for float64 x), so the parameters go with them.
+    out = bn_act(x, weight.to(mean.dtype), bias.to(mean.dtype), mean, var, residual, training=False,
+                 eps=eps, relu=relu, backend=backend)
+    return out, mean, torch.rsqrt(var + eps), total
+
+
 class SyncBNAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, momentum, eps, relu, group, backend):
-        from .bn_act import bn_act
-
-        mean, var, total = batch_stats(x, running_mean, running_var, momentum, group)
-        # Normalizing with given statistics is eval mode's math: one fused pass. The statistics stay in
-        # float32 (float64 for float64 x), so the parameters go with them.
-        out = bn_act(x, weight.to(mean.dtype), bias.to(mean.dtype), mean, var, residual, training=False,
-                     eps=eps, relu=relu, backend=backend)
-        invstd = torch.rsqrt(var + eps)
+        out, mean, invstd, total = bn_forward(x, weight, bias, residual, running_mean, running_var, momentum, eps,
+                                              relu, group, backend)
         ctx.save_for_backward(x, weight, mean, invstd, out if relu else None, total)  # out: ReLU's mask only
         ctx.relu, ctx.group, ctx.has_residual = relu, group, residual is not None
         return out
