@@ -22,3 +22,12 @@ def device(request):
 def _seed():
     torch.manual_seed(0)
 
+
+
+def pytest_report_header(config):
+    """Which resnet_fused the tests import (an editable checkout or an installed copy) and what it loaded."""
+    import resnet_fused as rf
+
+    info = rf.build_info()
+    return [f"resnet_fused: {os.path.dirname(rf.__file__)} (cpu_compiled={info['cpu_compiled']}, "
+            f"cuda_compiled={info['cuda_compiled']}, backends={rf.available_backends()})"]
