@@ -24,4 +24,10 @@ TORCH_LIBRARY(resnet_fused, m) {
       "Tensor save_invstd, bool training, bool relu) -> (Tensor, Tensor, Tensor, Tensor)");
   // out = act(x + residual)
   m.def("add_act(Tensor x, Tensor residual, bool relu) -> Tensor");
+  // y = conv2d(z, weight), z = act(x * scale[c] + shift[c]) (z = x without scale/shift; padded
+  // positions of z are 0), and the per-channel batch statistics of y over N, H, W taken before y is
+  // rounded: returns (y, mean, biased var), the statistics in float32 (float64 for a float64 x).
+  m.def(
+      "conv_stats(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool relu) -> (Tensor, Tensor, Tensor)");
 }

@@ -4,6 +4,7 @@ This is the `reference` backend, the float64 oracle of every parity test, and th
 whose fused kernels have no recorded parity run (it runs cuDNN through PyTorch).
 """
 
+import torch
 import torch.nn.functional as F
 
 def conv_bn_act(x, weight, bias=None, residual=None, stride=1, padding=0, dilation=1, groups=1, relu=True):
@@ -26,3 +27,19 @@ def add_act(x, residual, relu=True):
     y = x + residual
     return F.relu(y) if relu else y
 
+
+def conv_stats(x, weight, scale=None, shift=None, stride=1, padding=0, dilation=1, groups=1, relu=True):
+    """(y, mean, var): y = conv2d(z, weight), no bias, with z = act(x * scale[c] + shift[c]) (z = x without
+    scale and shift) and zero padding applied to z; the mean and biased variance of the conv per channel over
+    N, H, W, taken from the accumulator (float32 for a 16-bit x, else x's dtype) before it is rounded to y."""
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    # The op's dtypes are its contract: autocast must not recast the conv.
+    with torch.autocast(x.device.type, enabled=False):
+        z = x
+        if scale is not None:
+            shape = (1, -1, 1, 1)
+            z = x.to(acc_dtype) * scale.to(acc_dtype).reshape(shape) + shift.to(acc_dtype).reshape(shape)
+            z = (F.relu(z) if relu else z).to(x.dtype)
+        acc = F.conv2d(z.to(acc_dtype), weight.to(acc_dtype), None, stride, padding, dilation, groups)
+        var, mean = torch.var_mean(acc, dim=(0, 2, 3), correction=0)
+    return acc.to(x.dtype), mean, var

@@ -26,4 +26,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
 
 at::Tensor add_act(const at::Tensor& x, const at::Tensor& residual, bool relu);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool relu);
+
 }  // namespace resnet_fused::cpu

@@ -8,4 +8,5 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("bn_act", &resnet_fused::cpu::bn_act);
   m.impl("bn_act_backward", &resnet_fused::cpu::bn_act_backward);
   m.impl("add_act", &resnet_fused::cpu::add_act);
+  m.impl("conv_stats", &resnet_fused::cpu::conv_stats);
 }

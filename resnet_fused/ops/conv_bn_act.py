@@ -51,6 +51,22 @@ def conv_bn_act(x, weight, bias=None, residual=None, *, stride=1, padding=0, dil
         check_tensor(residual, "residual", 4)
     check_same_dtype(x, "x", weight=weight, bias=bias, residual=residual)
     check_same_device(x, "x", weight=weight, bias=bias, residual=residual)
+    x, stride, padding, dilation, out_shape = check_conv_geometry(x, weight, stride, padding, dilation, groups)
+    check_shape(bias, "bias", (out_shape[1],))
+    check_shape(residual, "residual", out_shape)
+
+    name = resolve_backend("conv_bn_act", backend, x.device, x.dtype)
+    x = dense(x)
+    if name == "reference":
+        out = reference.conv_bn_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+        return out.contiguous(memory_format=output_memory_format(x))
+    op = torch.ops.resnet_fused.conv_bn_act_triton if name == "triton" else torch.ops.resnet_fused.conv_bn_act
+    return op(x, weight, bias, residual, list(stride), list(padding), list(dilation), groups, relu)
+
+
+def check_conv_geometry(x, weight, stride, padding, dilation, groups):
+    """Checks the conv arguments against x and weight (4-D tensors): (x, stride, padding, dilation,
+    output shape), the pairs resolved and x padded at the end for an asymmetric padding='same'."""
     stride, dilation = pair(stride, "stride", 1), pair(dilation, "dilation", 1)
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
@@ -69,16 +85,7 @@ def conv_bn_act(x, weight, bias=None, residual=None, *, stride=1, padding=0, dil
             f"input of spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than the "
             f"kernel {tuple(weight.shape[2:])} with dilation {dilation}"
         )
-    check_shape(bias, "bias", (c_out,))
-    check_shape(residual, "residual", out_shape)
-
-    name = resolve_backend("conv_bn_act", backend, x.device, x.dtype)
-    x = dense(x)
-    if name == "reference":
-        out = reference.conv_bn_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
-        return out.contiguous(memory_format=output_memory_format(x))
-    op = torch.ops.resnet_fused.conv_bn_act_triton if name == "triton" else torch.ops.resnet_fused.conv_bn_act
-    return op(x, weight, bias, residual, list(stride), list(padding), list(dilation), groups, relu)
+    return x, stride, padding, dilation, out_shape
 
 
 def _fake(x, weight, bias, residual, stride, padding, dilation, groups, relu):
