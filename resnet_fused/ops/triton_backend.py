@@ -15,6 +15,7 @@ from .add_act import register_formulas as register_add_act_formulas
 from .bn_act import register_formulas as register_bn_act_formulas
 from .conv_bn_act import conv_output_shape
 from .conv_bn_act import register_formulas as register_conv_bn_act_formulas
+from .conv_stats import register_formulas as register_conv_stats_formulas
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
@@ -26,6 +27,7 @@ def _dense_as(x: Tensor, t: Optional[Tensor]) -> Optional[Tensor]:
 if TRITON_INSTALLED:
     from ..triton_kernels import bn_act as bn_kernels
     from ..triton_kernels import conv_bn_act as conv_kernels
+    from ..triton_kernels import conv_stats as conv_stats_kernels
 
     @torch.library.custom_op("resnet_fused::conv_bn_act_triton", mutates_args=())
     def conv_bn_act_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -35,6 +37,15 @@ if TRITON_INSTALLED:
         return conv_kernels.conv_bn_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, out)
 
     register_conv_bn_act_formulas("resnet_fused::conv_bn_act_triton")
+
+    @torch.library.custom_op("resnet_fused::conv_stats_triton", mutates_args=())
+    def conv_stats_triton(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                          stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                          relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+        out = empty_output(x, conv_output_shape(x, weight, stride, padding, dilation))
+        return conv_stats_kernels.conv_stats(x, weight, scale, shift, stride, padding, dilation, groups, relu, out)
+
+    register_conv_stats_formulas("resnet_fused::conv_stats_triton")
 
     @torch.library.custom_op("resnet_fused::bn_act_triton", mutates_args=())
     def bn_act_triton(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], running_mean: Tensor,

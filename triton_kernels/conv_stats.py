@@ -1,0 +1,333 @@
+"""conv_stats in Triton: the implicit-GEMM conv of ``conv_bn_act.py`` with the previous BatchNorm + ReLU
+applied to its input tiles (the prologue) and the batch statistics of its output reduced in its epilogue.
+
+    z = relu(x * scale[c] + shift[c])   (no ReLU for RELU=False; z = x without PROLOGUE)
+    y = conv2d(z, w),   mean[co], var[co] = batch statistics of y over N, H, W
+
+Kernels
+-------
+``_conv_stats_kernel``: ``conv_bn_act._conv_gemm_kernel``'s grid, program order, index math and both K-loop
+    variants (tap loop, flat-K loop; the flat-K loop also serves depthwise and other small grouped convs).
+    Prologue: each A tile, right after its load and before ``tl.dot``, becomes
+    ``max(a * scale[c] + shift[c], 0)`` in fp32, cast back to x's dtype, and then the padding and bounds
+    mask is applied to that: padded positions of z are 0, never relu(shift).
+    Epilogue: y stored once in x's dtype; from the fp32 accumulator (before y is rounded), the tile's
+    per-column mean and M2 (sum of squared deviations from that mean) over its valid rows, stored to row
+    ``pid_m`` of ``[tiles, C_out]`` partial buffers, and the row count of the tile to ``count[pid_m]``.
+    No atomics: each program owns its (tile row, columns) slot.
+``_combine_stats_kernel``: per block of channels, walks the partial rows in order, BLOCK_T rows at a time:
+    the block's rows are merged with the k-part form of Chan's formula (count-weighted mean of the means,
+    M2 plus the counts times the squared spread of the means), then merged into the running total with
+    Chan's pairwise formula. Fixed order and fixed tiles: deterministic; deviations instead of
+    E[y^2] - E[y]^2: accurate when the mean is large against the spread.
+
+The partial buffers have a row per BLOCK_M tile of the smallest BLOCK_M any config has, because the
+autotuner picks BLOCK_M after the buffers exist; ``count`` starts at zero (and the autotuner resets it
+between the configs it times), so rows a larger tile leaves unwritten count for nothing. Counts are fp32:
+exact below 2^24 rows per tile, far above any tile.
+
+Configs: ``conv_bn_act.conv_configs`` (the same tiles for the same dtypes and loop variants) without
+EPI_SPLIT, which only the residual epilogue needs. ``aot.py --family stats`` compiles them for sm_80 and
+sm_90. Interpreter (``TRITON_INTERPRET=1``): one fixed config, as in conv_bn_act.py; bf16 ``tl.dot`` is
+wrong there (ENV.md), so bf16 is tested on a GPU only.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .conv_bn_act import (ALL_CONV_CONFIGS, CONV_AUTOTUNE_KEY, FP32_INPUT_PRECISION, INTERPRET,
+                          INTERPRET_CONV_CONFIG, K_FLAT_BELOW, _extent, _INT32_LIMIT, _output_pixels,
+                          _out_size, conv_configs)
+
+__all__ = ["conv_stats", "stats_configs", "ALL_STATS_CONFIGS", "COMBINE_CONFIG", "KERNELS", "INTERPRET"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _without_epi_split(configs):
+    out, seen = [], set()
+    for c in configs:
+        kw = {k: v for k, v in c.kwargs.items() if k != "EPI_SPLIT"}
+        key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out
+
+
+def stats_configs(fp32: bool, k_flat: bool, arch: int, cin_g: int, cout_g: int, k_total: int):
+    """The configs the autotuner tries for one problem: ``conv_bn_act.conv_configs`` without EPI_SPLIT.
+    aot.py compiles exactly these."""
+    return _without_epi_split(conv_configs(fp32, k_flat, arch, cin_g, cout_g, k_total))
+
+
+ALL_STATS_CONFIGS = _without_epi_split(ALL_CONV_CONFIGS)
+INTERPRET_STATS_CONFIG = {k: v for k, v in INTERPRET_CONV_CONFIG.items() if k != "EPI_SPLIT"}
+# The combine kernel's tile: BLOCK_T partial rows x BLOCK_C channels per step.
+COMBINE_CONFIG = {"BLOCK_T": 32, "BLOCK_C": 64}
+
+
+def _prune_stats_configs(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    major, minor = torch.cuda.get_device_capability(args["x_ptr"].device)
+    return stats_configs(args["x_ptr"].dtype == torch.float32, bool(args["K_FLAT"]), 10 * major + minor,
+                         int(args["CIN_G"]), int(args["COUT_G"]), int(args["K_TOTAL"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _prologue(a, mask, scale_ptr, shift_ptr, c, c_mask, RELU: tl.constexpr):
+    """relu(a * scale[c] + shift[c]) in fp32, cast back to a's dtype, then 0 where mask is off (padding,
+    bounds): the padding belongs to z, not to x."""
+    s = tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    t = tl.load(shift_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    z = a.to(tl.float32) * s[None, :] + t[None, :]
+    if RELU:
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.where(mask, z, 0.0).to(a.dtype)
+
+
+@triton.jit
+def _conv_stats_kernel(
+    x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, count_ptr, mean_ptr, m2_ptr,
+    # sizes
+    M, H, W, HO, WO, C_OUT, CIN_G, COUT_G, K_TOTAL,
+    # strides, in elements: input, output (N, C, H, W order)
+    sxn, sxc, sxh, sxw,
+    syn, syc, syh, syw,
+    # filter geometry
+    KH: tl.constexpr, KW: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    # prologue, loop variant, index width
+    PROLOGUE: tl.constexpr, RELU: tl.constexpr,
+    K_FLAT: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+
+    # L2-friendly program order, as conv_bn_act.py.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(COUT_G, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    if INDEX_64:
+        pid_m = pid_m.to(tl.int64)
+        g = g.to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    n, oh, ow, ih0, iw0, x_row = _output_pixels(offs_m, HO, WO, sxn, sxh, sxw,
+                                                STRIDE_H, STRIDE_W, PAD_H, PAD_W)
+    c_first = g * CIN_G  # the group's first input channel
+    x_row += c_first * sxc
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < COUT_G
+    co = (g * COUT_G).to(tl.int32) + offs_n
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if K_FLAT:
+        for k0 in range(0, K_TOTAL, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K_TOTAL
+            c = offs_k % CIN_G
+            tap = offs_k // CIN_G
+            dh = (tap // KW) * DIL_H
+            dw = (tap % KW) * DIL_W
+            if INDEX_64:
+                k_off = dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw + c.to(tl.int64) * sxc
+            else:
+                k_off = dh * sxh + dw * sxw + c * sxc
+            ih = (ih0[:, None] + dh[None, :]).to(tl.uint32)
+            iw = (iw0[:, None] + dw[None, :]).to(tl.uint32)
+            a_mask = (mask_m[:, None] & mask_k[None, :]) & (ih < H) & (iw < W)
+            a = tl.load(x_ptr + (x_row[:, None] + k_off[None, :]), mask=a_mask, other=0.0)
+            if PROLOGUE:
+                a = _prologue(a, a_mask, scale_ptr, shift_ptr, c_first + c, mask_k, RELU)
+            b_ptrs = w_ptr + (offs_k * C_OUT)[:, None] + co[None, :]
+            b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        k_chunks = tl.cdiv(CIN_G, BLOCK_K)
+        for it in range(0, KH * KW * k_chunks):
+            tap = it // k_chunks
+            c0 = (it - tap * k_chunks) * BLOCK_K
+            kh = tap // KW
+            kw = tap - kh * KW
+            dh = kh * DIL_H
+            dw = kw * DIL_W
+            if INDEX_64:
+                tap_off = dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw
+            else:
+                tap_off = dh * sxh + dw * sxw
+            ih = (ih0 + dh).to(tl.uint32)
+            iw = (iw0 + dw).to(tl.uint32)
+            row_ok = mask_m & (ih < H) & (iw < W)
+            offs_c = c0 + tl.arange(0, BLOCK_K)
+            mask_c = offs_c < CIN_G
+            a_mask = row_ok[:, None] & mask_c[None, :]
+            a_ptrs = x_ptr + (x_row + tap_off)[:, None] + (offs_c * sxc)[None, :]
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            if PROLOGUE:
+                a = _prologue(a, a_mask, scale_ptr, shift_ptr, c_first + offs_c, mask_c, RELU)
+            b_ptrs = w_ptr + ((tap * CIN_G + offs_c) * C_OUT)[:, None] + co[None, :]
+            b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    # Epilogue: y once, then the tile's statistics from the fp32 accumulator.
+    if INDEX_64:
+        co = co.to(tl.int64)
+    y_row = n * syn + oh * syh + ow * syw
+    mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(y_ptr + (y_row[:, None] + (co * syc)[None, :]), acc.to(y_ptr.dtype.element_ty), mask=mask)
+    rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    tile_mean = tl.sum(tl.where(mask_m[:, None], acc, 0.0), axis=0) / rows
+    dev = tl.where(mask_m[:, None], acc - tile_mean[None, :], 0.0)
+    tile_m2 = tl.sum(dev * dev, axis=0)
+    p_off = pid_m * C_OUT + co
+    tl.store(mean_ptr + p_off, tile_mean, mask=mask_n)
+    tl.store(m2_ptr + p_off, tile_m2, mask=mask_n)
+    if (pid_n == 0) & (g == 0):  # one writer per tile row
+        tl.store(count_ptr + pid_m, rows)
+
+
+@triton.jit
+def _combine_stats_kernel(count_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, TILES, C,
+                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, TILES, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        cnt = tl.load(count_ptr + t, mask=t < TILES, other=0.0)
+        used = (cnt > 0)[:, None] & mask_c[None, :]  # rows no tile wrote hold garbage
+        off = t.to(tl.int64)[:, None] * C + cols[None, :]
+        part_mean = tl.load(mean_ptr + off, mask=used, other=0.0)
+        part_m2 = tl.load(m2_ptr + off, mask=used, other=0.0)
+        # this step's rows, merged: Chan's formula for k parts
+        step_count = tl.sum(cnt, axis=0)
+        weight = cnt / tl.maximum(step_count, 1.0)
+        step_mean = tl.sum(part_mean * weight[:, None], axis=0)
+        spread = tl.where(used, part_mean - step_mean[None, :], 0.0)
+        step_m2 = tl.sum(part_m2 + cnt[:, None] * spread * spread, axis=0)
+        # ... then into the running total, pairwise
+        new_total = total + step_count
+        frac = tl.where(new_total > 0, step_count / new_total, 0.0)
+        delta = step_mean - mean
+        mean += delta * frac
+        m2 += step_m2 + delta * delta * total * frac
+        total = new_total
+    tl.store(out_mean_ptr + cols, tl.where(total > 0, mean, float("nan")), mask=mask_c)
+    tl.store(out_var_ptr + cols, m2 / total, mask=mask_c)  # 0 / 0 = NaN for an empty batch
+
+
+# name -> (raw @triton.jit kernel, all its autotune configs), for aot.py.
+KERNELS = {
+    "conv_stats": (_conv_stats_kernel, ALL_STATS_CONFIGS),
+    "combine_stats": (_combine_stats_kernel, [triton.Config(COMBINE_CONFIG, num_warps=4, num_stages=2)]),
+}
+
+if INTERPRET:
+    _conv_stats_tuned = None
+else:
+    _conv_stats_tuned = triton.autotune(
+        configs=ALL_STATS_CONFIGS,
+        key=CONV_AUTOTUNE_KEY + ["PROLOGUE"],
+        prune_configs_by={"early_config_prune": _prune_stats_configs},
+        reset_to_zero=["count_ptr"],
+    )(_conv_stats_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+def conv_stats(x, weight, scale, shift, stride, padding, dilation, groups, relu, out):
+    """Writes y = conv2d(z, weight) to ``out`` (allocated by the caller in the memory format it wants) and
+    returns (out, mean, var): z as in the module docstring, mean and biased variance per output channel
+    in float32. scale/shift: (C_in,) in x's dtype or float32, or both None. Arguments are assumed
+    validated by the caller (resnet_fused.ops.conv_stats)."""
+    return _launch(x, weight, scale, shift, stride, padding, dilation, groups, relu, out)
+
+
+def _launch(x, weight, scale, shift, stride, padding, dilation, groups, relu, out, k_flat=None, index_64=None,
+            config=None):
+    """``conv_stats`` with test hooks: ``k_flat`` forces the K-loop variant, ``index_64`` the index width,
+    ``config`` (a dict of tile constexprs, or a ``triton.Config``) bypasses the autotuner and the
+    interpreter's fixed config."""
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"conv_stats (Triton) supports float32, float16 and bfloat16, got {x.dtype}; "
+                        "route float64 to the reference implementation")
+    N, C_in, H, W = x.shape
+    C_out, cin_g, KH, KW = weight.shape
+    sh, sw = (int(v) for v in stride)
+    ph, pw = (int(v) for v in padding)
+    dh, dw = (int(v) for v in dilation)
+    groups = int(groups)
+    cout_g = C_out // groups
+    HO, WO = _out_size(H, KH, sh, ph, dh), _out_size(W, KW, sw, pw, dw)
+    assert tuple(out.shape) == (N, C_out, HO, WO) and out.dtype == x.dtype, "out has the wrong shape or dtype"
+    M = N * HO * WO
+    mean = torch.full((C_out,), float("nan"), dtype=torch.float32, device=x.device)
+    var = torch.full((C_out,), float("nan"), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return out, mean, var
+    if not (INTERPRET or x.is_cuda):
+        raise ValueError("conv_stats (Triton) needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
+
+    w_packed = weight.permute(2, 3, 1, 0).contiguous()  # (KH, KW, C_in/groups, C_out), as conv_bn_act.py
+    prologue = scale is not None
+    scale_arg = scale.contiguous() if prologue else out  # dummy pointers when absent, never read
+    shift_arg = shift.contiguous() if prologue else out
+    launch_opts = {}
+    if isinstance(config, triton.Config):
+        launch_opts = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        config = dict(config.kwargs)
+    if config is not None:
+        min_block_m = config["BLOCK_M"]
+    elif INTERPRET:
+        min_block_m = INTERPRET_STATS_CONFIG["BLOCK_M"]
+    else:
+        min_block_m = min(c.kwargs["BLOCK_M"] for c in ALL_STATS_CONFIGS)
+    tiles = triton.cdiv(M, min_block_m)
+    count = torch.zeros(tiles, dtype=torch.float32, device=x.device)
+    part_mean = torch.empty(tiles, C_out, dtype=torch.float32, device=x.device)
+    part_m2 = torch.empty(tiles, C_out, dtype=torch.float32, device=x.device)
+
+    if k_flat is None:
+        k_flat = cin_g < K_FLAT_BELOW
+    if index_64 is None:
+        index_64 = M >= _INT32_LIMIT or any(_extent(t) >= _INT32_LIMIT for t in (x, out, w_packed))
+    common = dict(KH=KH, KW=KW, STRIDE_H=sh, STRIDE_W=sw, PAD_H=ph, PAD_W=pw, DIL_H=dh, DIL_W=dw,
+                  PROLOGUE=prologue, RELU=bool(relu), K_FLAT=bool(k_flat),
+                  INPUT_PRECISION=FP32_INPUT_PRECISION if x.dtype == torch.float32 else "ieee",
+                  INDEX_64=bool(index_64))
+    args = (x, w_packed, scale_arg, shift_arg, out, count, part_mean, part_m2, M, H, W, HO, WO, C_out, cin_g,
+            cout_g, KH * KW * cin_g, *x.stride(), *out.stride())
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        if INTERPRET or config is not None:
+            cfg = config or INTERPRET_STATS_CONFIG
+            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(cout_g, cfg["BLOCK_N"]), groups)
+            _conv_stats_kernel[grid](*args, **common, **cfg, **launch_opts)
+        else:
+            grid = lambda meta: (  # noqa: E731
+                triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups)
+            _conv_stats_tuned[grid](*args, **common)
+        _combine_stats_kernel[(triton.cdiv(C_out, COMBINE_CONFIG["BLOCK_C"]),)](
+            count, part_mean, part_m2, mean, var, tiles, C_out, **COMBINE_CONFIG)
+    return out, mean, var
