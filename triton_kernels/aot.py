@@ -1,8 +1,9 @@
 """Ahead-of-time compile checks for the Triton kernels, without a GPU.
 
-Every autotune config of every kernel in ``conv_bn_act.KERNELS`` (``--family conv``, the default)
-and ``bn_act.KERNELS`` (``--family bn``: BatchNorm + add + ReLU forward and backward, add + ReLU;
-``--family all`` for both) is compiled with ``triton.compile`` for sm_80 (A100) and sm_90
+Every autotune config of every kernel in ``conv_bn_act.KERNELS`` (``--family conv``, the default),
+``bn_act.KERNELS`` (``--family bn``: BatchNorm + add + ReLU forward and backward, add + ReLU) and
+``conv_stats.KERNELS`` (``--family stats``: the conv with the BN prologue and statistics epilogue, and
+its combine kernel; ``--family all`` for every family) is compiled with ``triton.compile`` for sm_80 (A100) and sm_90
 (H100/H200), for each dtype, on representative ResNet-50 specializations (``default_cases()``,
 ``bn_cases()``).  For each compile we report:
 
@@ -127,7 +128,7 @@ def default_cases():
 _BN_FP32_PTRS = ("ws_ptr", "w_ptr", "b_ptr", "rm_ptr", "rv_ptr", "mean_ptr", "var_ptr",
                  "invstd_ptr", "save_mean_ptr", "save_invstd_ptr", "new_rm_ptr", "new_rv_ptr",
                  "gw_ptr", "gb_ptr")
-_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK_P", "BLOCK_C", "BLOCK")
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK_P", "BLOCK_T", "BLOCK_C", "BLOCK")
 
 
 def _bn_view_ints(n, c, h, nhwc):
@@ -199,6 +200,34 @@ def bn_cases():
     return cases
 
 
+# conv_stats.py: activations and weights in the compile's dtype; BN scale/shift (float32 under autocast)
+# and the statistics buffers fp32.
+_STATS_FP32_PTRS = ("scale_ptr", "shift_ptr", "count_ptr", "mean_ptr", "m2_ptr", "out_mean_ptr", "out_var_ptr")
+
+
+def _stats_case(name, n, c_in, h, c_out, k, s, p, prologue=True, index_64=False, config_limit=None):
+    gemm = _gemm_case(name, n, c_in, h, c_out, k, s, p, index_64=index_64)
+    ints = {key: v for key, v in gemm.ints.items() if not key.startswith("sr")}
+    cx = {key: v for key, v in gemm.constexprs.items() if key not in ("HAS_BIAS", "HAS_RES")}
+    cx["PROLOGUE"] = prologue
+    return Case(name, "conv_stats", ints, cx, ptr_dtypes=dict.fromkeys(_STATS_FP32_PTRS, "fp32"),
+                config_limit=config_limit)
+
+
+def stats_cases():
+    """conv_stats.py at batch 32: the tap loop with the prologue on a stage-4 3x3 conv (C=512: no config
+    clamped) and a stage-3 1x1 expand conv, the flat-K loop on the stem (no prologue: it reads the image),
+    int64 index math on the first config, and the combine kernel (fp32 pointers only)."""
+    return [
+        _stats_case("3x3_c512_tap", 32, 512, 7, 512, 3, 1, 1),
+        _stats_case("3x3_c512_tap_i64", 32, 512, 7, 512, 3, 1, 1, index_64=True),
+        _stats_case("1x1_c256_1024", 32, 256, 14, 1024, 1, 1, 0),
+        _stats_case("7x7s2_stem_flat", 32, 3, 224, 64, 7, 2, 3, prologue=False),
+        Case("combine_stats", "combine_stats", dict(TILES=32 * 56 * 56 // 64, C=256), {},
+             ptr_dtypes=dict.fromkeys(_STATS_FP32_PTRS, "fp32"), only_dtypes=("fp32",)),
+    ]
+
+
 def _bn_configs_for(case: Case, dtype: str):
     """bn_act.kernel_configs for the case and dtype, without configs that differ only in SPLIT (a
     grid parameter: same code), cut to ``case.config_limit``."""
@@ -221,17 +250,19 @@ def _bn_kernel_names():
 
 def _kernel_fn(name: str):
     """The raw @triton.jit function of a kernel name of either family."""
-    from . import bn_act, conv_bn_act
+    from . import bn_act, conv_bn_act, conv_stats
     if name in bn_act.KERNELS:
         return bn_act.KERNELS[name]
+    if name in conv_stats.KERNELS:
+        return conv_stats.KERNELS[name][0]
     return conv_bn_act.KERNELS[name][0]
 
 
 def all_cases():
-    return default_cases() + bn_cases()
+    return default_cases() + bn_cases() + stats_cases()
 
 
-FAMILIES = {"conv": default_cases, "bn": bn_cases, "all": all_cases}
+FAMILIES = {"conv": default_cases, "bn": bn_cases, "stats": stats_cases, "all": all_cases}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,10 +345,17 @@ def _res_usage(cubin: bytes) -> dict:
 
 def configs_for(case: Case, arch: int, dtype: str):
     """The configs the autotuner would try for this case on this arch and dtype."""
-    from . import bn_act
+    from . import bn_act, conv_stats
     from . import conv_bn_act as mod
     if case.kernel in bn_act.KERNELS:
         return _bn_configs_for(case, dtype)
+    if case.kernel == "combine_stats":
+        return conv_stats.KERNELS[case.kernel][1]
+    if case.kernel == "conv_stats":
+        i = case.ints
+        configs = conv_stats.stats_configs(dtype == "fp32", case.constexprs["K_FLAT"], case.constexprs["INDEX_64"],
+                                           i["CIN_G"], i["COUT_G"], i["K_TOTAL"])
+        return configs[:case.config_limit] if case.config_limit else configs
     if case.kernel == "conv_depthwise":
         return list(mod.DW_CONFIGS)
     i = case.ints
@@ -428,10 +466,14 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+# The kernels built on tl.dot, which must use the arch's tensor-core MMA in 16-bit.
+GEMM_KERNELS = ("conv_gemm", "conv_stats")
+
+
 def summary(rows) -> str:
     ok = [r for r in rows if r["ok"]]
     spilled = [r for r in ok if r["spills"]]
-    no_tc = [r for r in ok if r["kernel"] == "conv_gemm" and r["dtype"] != "fp32"
+    no_tc = [r for r in ok if r["kernel"] in GEMM_KERNELS and r["dtype"] != "fp32"
              and not r["tensor_cores"]]
     return (f"{len(rows)} compiles, {len(rows) - len(ok)} failed, {len(spilled)} with spills, "
             f"{len(no_tc)} 16-bit GEMM compiles without the arch's tensor-core MMA")
@@ -442,7 +484,8 @@ def main(argv=None):
     ap.add_argument("--archs", default=",".join(map(str, ARCHS)), help="e.g. 80,90")
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="e.g. bf16,fp16,fp32")
     ap.add_argument("--family", default="conv", choices=sorted(FAMILIES),
-                    help="kernel family: conv (conv_bn_act.py, the default), bn (bn_act.py), all")
+                    help="kernel family: conv (conv_bn_act.py, the default), bn (bn_act.py), "
+                    "stats (conv_stats.py), all")
     ap.add_argument("--cases", default=None,
                     help="comma-separated case names (default: all of the family's cases)")
     ap.add_argument("--workers", type=int, default=None)

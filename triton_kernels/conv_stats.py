@@ -26,8 +26,8 @@ autotuner picks BLOCK_M after the buffers exist; ``count`` starts at zero (and t
 between the configs it times), so rows a larger tile leaves unwritten count for nothing. Counts are fp32:
 exact below 2^24 rows per tile, far above any tile.
 
-Configs: ``conv_bn_act.conv_configs`` (the same tiles for the same dtypes and loop variants) without
-EPI_SPLIT, which only the residual epilogue needs. ``aot.py --family stats`` compiles them for sm_80 and
+Configs: ``conv_bn_act.py``'s tiles that compile without spills with this epilogue (see
+``STATS_CONFIGS_TAP``). ``aot.py --family stats`` compiles them for sm_80 and
 sm_90. Interpreter (``TRITON_INTERPRET=1``): one fixed config, as in conv_bn_act.py; bf16 ``tl.dot`` is
 wrong there (ENV.md), so bf16 is tested on a GPU only.
 """
@@ -39,19 +39,55 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv_bn_act import (ALL_CONV_CONFIGS, CONV_AUTOTUNE_KEY, FP32_INPUT_PRECISION, INTERPRET,
-                          INTERPRET_CONV_CONFIG, K_FLAT_BELOW, _extent, _INT32_LIMIT, _output_pixels,
-                          _out_size, conv_configs)
+from .conv_bn_act import (CONV_AUTOTUNE_KEY, FP32_INPUT_PRECISION, INTERPRET, INTERPRET_CONV_CONFIG,
+                          K_FLAT_BELOW, _extent, _INT32_LIMIT, _next_pow2, _output_pixels, _out_size)
 
 __all__ = ["conv_stats", "stats_configs", "ALL_STATS_CONFIGS", "COMBINE_CONFIG", "KERNELS", "INTERPRET"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _without_epi_split(configs):
+def _cfg(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages)
+
+
+# conv_bn_act.py's tiles that compile without register spills here (aot.py --family stats, sm_80 and sm_90):
+# the statistics epilogue keeps the accumulator live through two column reductions, and with it the
+# 128x256 / 256x128 tiles and the 4-warp 128x128x32 tile spilled 12-136 bytes (16-bit), and the fp32 FMA
+# tiles above 64x64 spilled 20-40 bytes on sm_90. Splitting the epilogue into column slices, as
+# conv_bn_act.py does for the residual, made it worse (up to 1.1 KB: the slices' layout conversions).
+# With int64 index math (tensors of 2^30 elements or more) the tiles with BLOCK_M 128 spilled 4-16 bytes:
+# those problems get the BLOCK_M 64 tiles only.
+# TODO(gpu): timed on no GPU yet; the wide tiles may be worth a spill-free statistics epilogue.
+STATS_CONFIGS_TAP = [  # 16-bit, tap loop, both archs
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 4),
+]
+STATS_CONFIGS_FLAT = [  # 16-bit, flat-K loop (stem, small grouped convs)
+    _cfg(128, 64, 64, 8, 3),
+    _cfg(128, 64, 32, 8, 4),
+    _cfg(64, 64, 64, 4, 4),
+    _cfg(64, 64, 32, 4, 5),
+]
+STATS_CONFIGS_FP32 = [_cfg(32, 64, 32, 4, 3)]  # the one fp32 tile without spills on every case
+ALL_STATS_CONFIGS = STATS_CONFIGS_TAP + STATS_CONFIGS_FLAT + STATS_CONFIGS_FP32
+
+
+def stats_configs(fp32: bool, k_flat: bool, index_64: bool, cin_g: int, cout_g: int, k_total: int):
+    """The configs the autotuner tries for one problem: the list by dtype and loop variant (the same for
+    sm_80 and sm_90), only BLOCK_M <= 64 with int64 index math, BLOCK_N / BLOCK_K shrunk where they overshoot the problem, never
+    below 16 (tl.dot minimum), duplicates dropped, as conv_bn_act.conv_configs. aot.py compiles these."""
+    base = STATS_CONFIGS_FP32 if fp32 else STATS_CONFIGS_FLAT if k_flat else STATS_CONFIGS_TAP
+    if index_64:
+        base = [c for c in base if c.kwargs["BLOCK_M"] <= 64]
+    max_bn = max(16, _next_pow2(cout_g))
+    max_bk = max(16, _next_pow2(k_total if k_flat else cin_g))
     out, seen = [], set()
-    for c in configs:
-        kw = {k: v for k, v in c.kwargs.items() if k != "EPI_SPLIT"}
+    for c in base:
+        kw = dict(c.kwargs, BLOCK_N=min(c.kwargs["BLOCK_N"], max_bn), BLOCK_K=min(c.kwargs["BLOCK_K"], max_bk))
         key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
         if key not in seen:
             seen.add(key)
@@ -59,13 +95,6 @@ def _without_epi_split(configs):
     return out
 
 
-def stats_configs(fp32: bool, k_flat: bool, arch: int, cin_g: int, cout_g: int, k_total: int):
-    """The configs the autotuner tries for one problem: ``conv_bn_act.conv_configs`` without EPI_SPLIT.
-    aot.py compiles exactly these."""
-    return _without_epi_split(conv_configs(fp32, k_flat, arch, cin_g, cout_g, k_total))
-
-
-ALL_STATS_CONFIGS = _without_epi_split(ALL_CONV_CONFIGS)
 INTERPRET_STATS_CONFIG = {k: v for k, v in INTERPRET_CONV_CONFIG.items() if k != "EPI_SPLIT"}
 # The combine kernel's tile: BLOCK_T partial rows x BLOCK_C channels per step.
 COMBINE_CONFIG = {"BLOCK_T": 32, "BLOCK_C": 64}
@@ -73,8 +102,7 @@ COMBINE_CONFIG = {"BLOCK_T": 32, "BLOCK_C": 64}
 
 def _prune_stats_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    major, minor = torch.cuda.get_device_capability(args["x_ptr"].device)
-    return stats_configs(args["x_ptr"].dtype == torch.float32, bool(args["K_FLAT"]), 10 * major + minor,
+    return stats_configs(args["x_ptr"].dtype == torch.float32, bool(args["K_FLAT"]), bool(args["INDEX_64"]),
                          int(args["CIN_G"]), int(args["COUT_G"]), int(args["K_TOTAL"]))
 
 
@@ -195,7 +223,8 @@ def _conv_stats_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     tl.store(y_ptr + (y_row[:, None] + (co * syc)[None, :]), acc.to(y_ptr.dtype.element_ty), mask=mask)
     rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-    tile_mean = tl.sum(tl.where(mask_m[:, None], acc, 0.0), axis=0) / rows
+    # Rows past M are 0 in acc (their A rows were masked), so the plain column sum is the valid rows' sum.
+    tile_mean = tl.sum(acc, axis=0) / rows
     dev = tl.where(mask_m[:, None], acc - tile_mean[None, :], 0.0)
     tile_m2 = tl.sum(dev * dev, axis=0)
     p_off = pid_m * C_OUT + co
