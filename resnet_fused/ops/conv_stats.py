@@ -86,7 +86,7 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
     if grad_mean is not None:
         grad_acc = grad_acc + (grad_mean / count).reshape(shape)
     if grad_var is not None:
-        grad_acc = grad_acc + (2 / count) * grad_var.reshape(shape) * (y.to(dtype) - mean.reshape(shape))
+        grad_acc = grad_acc + (grad_var * 2).reshape(shape) * (y.to(dtype) - mean.reshape(shape)) / count
     grad_acc = grad_acc.to(x.dtype)
 
     pre = None
