@@ -39,8 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv_bn_act import (CONV_AUTOTUNE_KEY, FP32_INPUT_PRECISION, INTERPRET, INTERPRET_CONV_CONFIG,
-                          K_FLAT_BELOW, _extent, _INT32_LIMIT, _next_pow2, _output_pixels, _out_size)
+from .conv_bn_act import (CONV_AUTOTUNE_KEY, FP32_INPUT_PRECISION, INTERPRET, K_FLAT_BELOW, _extent, _INT32_LIMIT, _next_pow2, _output_pixels, _out_size)
 
 __all__ = ["conv_stats", "stats_configs", "ALL_STATS_CONFIGS", "COMBINE_CONFIG", "KERNELS", "INTERPRET"]
 
@@ -83,6 +82,10 @@ def stats_configs(fp32: bool, k_flat: bool, index_64: bool, cin_g: int, cout_g: 
     base = STATS_CONFIGS_FP32 if fp32 else STATS_CONFIGS_FLAT if k_flat else STATS_CONFIGS_TAP
     if index_64:
         base = [c for c in base if c.kwargs["BLOCK_M"] <= 64]
+    return _clamped(base, k_flat, cin_g, cout_g, k_total)
+
+
+def _clamped(base, k_flat, cin_g, cout_g, k_total):
     max_bn = max(16, _next_pow2(cout_g))
     max_bk = max(16, _next_pow2(k_total if k_flat else cin_g))
     out, seen = [], set()
@@ -95,7 +98,9 @@ def stats_configs(fp32: bool, k_flat: bool, index_64: bool, cin_g: int, cout_g: 
     return out
 
 
-INTERPRET_STATS_CONFIG = {k: v for k, v in INTERPRET_CONV_CONFIG.items() if k != "EPI_SPLIT"}
+# Under TRITON_INTERPRET=1: one tile, as conv_bn_act.py, but up to 64 wide in N and K, clamped to the problem:
+# the interpreter's cost is per program and per loop step, and ResNet's wide layers took minutes with 16x16.
+INTERPRET_STATS_CONFIG = _cfg(32, 64, 64, 4, 1, group_m=4)
 # The combine kernel's tile: BLOCK_T partial rows x BLOCK_C channels per step.
 COMBINE_CONFIG = {"BLOCK_T": 32, "BLOCK_C": 64}
 
@@ -327,10 +332,11 @@ def _launch(x, weight, scale, shift, stride, padding, dilation, groups, relu, ou
     if isinstance(config, triton.Config):
         launch_opts = dict(num_warps=config.num_warps, num_stages=config.num_stages)
         config = dict(config.kwargs)
+    k_flat = cin_g < K_FLAT_BELOW if k_flat is None else bool(k_flat)
+    if config is None and INTERPRET:
+        config = dict(_clamped([INTERPRET_STATS_CONFIG], k_flat, cin_g, cout_g, KH * KW * cin_g)[0].kwargs)
     if config is not None:
         min_block_m = config["BLOCK_M"]
-    elif INTERPRET:
-        min_block_m = INTERPRET_STATS_CONFIG["BLOCK_M"]
     else:
         min_block_m = min(c.kwargs["BLOCK_M"] for c in ALL_STATS_CONFIGS)
     tiles = triton.cdiv(M, min_block_m)
@@ -338,21 +344,18 @@ def _launch(x, weight, scale, shift, stride, padding, dilation, groups, relu, ou
     part_mean = torch.empty(tiles, C_out, dtype=torch.float32, device=x.device)
     part_m2 = torch.empty(tiles, C_out, dtype=torch.float32, device=x.device)
 
-    if k_flat is None:
-        k_flat = cin_g < K_FLAT_BELOW
     if index_64 is None:
         index_64 = M >= _INT32_LIMIT or any(_extent(t) >= _INT32_LIMIT for t in (x, out, w_packed))
     common = dict(KH=KH, KW=KW, STRIDE_H=sh, STRIDE_W=sw, PAD_H=ph, PAD_W=pw, DIL_H=dh, DIL_W=dw,
-                  PROLOGUE=prologue, RELU=bool(relu), K_FLAT=bool(k_flat),
+                  PROLOGUE=prologue, RELU=bool(relu), K_FLAT=k_flat,
                   INPUT_PRECISION=FP32_INPUT_PRECISION if x.dtype == torch.float32 else "ieee",
                   INDEX_64=bool(index_64))
     args = (x, w_packed, scale_arg, shift_arg, out, count, part_mean, part_m2, M, H, W, HO, WO, C_out, cin_g,
             cout_g, KH * KW * cin_g, *x.stride(), *out.stride())
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        if INTERPRET or config is not None:
-            cfg = config or INTERPRET_STATS_CONFIG
-            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(cout_g, cfg["BLOCK_N"]), groups)
-            _conv_stats_kernel[grid](*args, **common, **cfg, **launch_opts)
+        if config is not None:
+            grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(cout_g, config["BLOCK_N"]), groups)
+            _conv_stats_kernel[grid](*args, **common, **config, **launch_opts)
         else:
             grid = lambda meta: (  # noqa: E731
                 triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups)

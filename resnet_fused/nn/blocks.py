@@ -40,8 +40,22 @@ class _ResidualBlock(FusedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.conv1.in_channels, type(self).__name__)
+        steps = self._steps()
+        down = None if self.plain else self.downsample
+        ds_tail = list(down)[-2:] if down is not None and downsample_norms(down) else []
+        if down is None or ds_tail:
+            convs = [conv for _, conv, _ in steps] + ds_tail[:1]
+            if self._uses_conv_stats(x, convs, [bn for _, _, bn in steps] + ds_tail[1:]):
+                if self.plain:
+                    return self._conv_stats_block(x, steps, None)
+                if down is None:
+                    return self._conv_stats_block(x, steps, x)
+                source = x
+                for module in list(down)[:-2]:  # e.g. timm's average-pool shortcut
+                    source = module(source)
+                return self._conv_stats_block(x, steps, (source, *ds_tail))
         shortcut = None if self.plain else self._downsample(x, self.downsample)
-        return self._conv_bn_steps(x, self._steps(), shortcut, self.low_memory)
+        return self._conv_bn_steps(x, steps, shortcut, self.low_memory)
 
     def _fused_norms(self):
         return [bn for _, _, bn in self._steps()] + downsample_norms(self.downsample)

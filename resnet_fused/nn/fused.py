@@ -23,14 +23,24 @@ BN + ReLU that feeds the next conv runs in that conv's op instead (`bn_relu_conv
 input rather than the ReLU output for the backward (one activation less per inner step); the ResNet stem's
 BN + ReLU runs in its max pool's op (`bn_relu_max_pool`) the same way. A Bottleneck with `low_memory` also
 runs its last conv and BN in that op (`bn_relu_conv_bn_act`), which recomputes the conv output instead.
+
+training on a backend in CONV_STATS_BACKENDS (`_conv_stats_block`): every conv of a block runs as
+`conv_stats`, which returns its output's batch statistics; each BN's running statistics are updated from
+them as F.batch_norm does, and its scale and shift feed the next conv's prologue, so no BN pass runs on
+its own. The block's exit applies the last BN (and the downsample branch's) with the shortcut and ReLU.
 """
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..backends import resolve_backend
-from ..ops import bn_act, conv_bn_act, fold_bn
+from ..backends import has_kernel, resolve_backend, supports_dtype
+from ..ops import bn_act, conv_bn_act, conv_stats, fold_bn
 from ..ops.recomputed_bn_relu import bn_relu_conv, bn_relu_conv_bn_act
+
+
+# Backends whose blocks train on conv_stats. triton: its conv_stats removes the BN passes. The cpu backend
+# keeps conv + bn_act, which measured faster on this CPU (README, "How a block computes").
+CONV_STATS_BACKENDS = ("triton",)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -165,6 +175,60 @@ class FusedModule(nn.Module):
                                    bn2_bias=last.bias, bn2_running_mean=running_mean, bn2_running_var=running_var,
                                    residual=_cast(residual, y.dtype), momentum2=momentum, eps2=last.eps,
                                    **_conv_args(conv))
+
+    def _uses_conv_stats(self, x: torch.Tensor, convs, norms) -> bool:
+        """Whether a block trains on conv_stats: every BN in `norms` training-mode (no synchronized statistics),
+        a backend in CONV_STATS_BACKENDS that runs conv_stats in the compute dtype, every conv in `convs` with
+        numeric padding and no bias, a non-empty batch, no torch.func transform."""
+        if x.numel() == 0 or self.process_group is not None or torch._C._are_functorch_transforms_active():
+            return False
+        if not all(_trains(bn) for bn in norms):
+            return False
+        if not all(not isinstance(conv.padding, str) and conv.bias is None for conv in convs):
+            return False
+        dtype = compute_dtype(x)
+        name = resolve_backend("conv_bn_act", self.backend, x.device, dtype)
+        return name in CONV_STATS_BACKENDS and has_kernel("conv_stats", name) and supports_dtype(
+            "conv_stats", name, dtype)
+
+    def _conv_stats_block(self, x: torch.Tensor, steps, shortcut) -> torch.Tensor:
+        """A block's training forward on conv_stats: `steps` [(key, conv, bn), ...] run as conv_stats, each
+        conv applying the previous BN + ReLU to its input; `shortcut` is None (plain), a tensor, or
+        (input, conv, bn) of a downsample branch, whose BN is applied at the exit. Returns
+        relu(y_last * scale + shift + shortcut)."""
+        dtype = compute_dtype(x)
+        z, scale, shift = _cast(x, dtype), None, None
+        for _, conv, bn in steps:
+            z, mean, var = conv_stats(z, _cast(conv.weight, dtype), scale, shift, relu=True, **_conv_args(conv),
+                                      backend=self.backend)
+            scale, shift = self._batch_scale_shift(bn, z, mean, var)
+        out = torch.addcmul(shift.reshape(1, -1, 1, 1), z, scale.reshape(1, -1, 1, 1))
+        if isinstance(shortcut, tuple):
+            source, conv, bn = shortcut
+            yd, mean, var = conv_stats(_cast(source, dtype), _cast(conv.weight, dtype), **_conv_args(conv),
+                                       backend=self.backend)
+            scale_d, shift_d = self._batch_scale_shift(bn, yd, mean, var)
+            out = out + torch.addcmul(shift_d.reshape(1, -1, 1, 1), yd, scale_d.reshape(1, -1, 1, 1))
+        elif shortcut is not None:
+            out = out + shortcut
+        return out.relu().to(dtype)
+
+    def _batch_scale_shift(self, bn: _BatchNorm, y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor):
+        """(scale, shift) of training-mode `bn` normalizing y, whose batch mean and biased variance are given:
+        bn(y) = y * scale + shift. Updates the running statistics from (mean, unbiased var) as F.batch_norm
+        does, after nn.BatchNorm2d's bookkeeping."""
+        count = y.numel() // y.shape[1]
+        if count == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.shape}")
+        momentum, running_mean, running_var = self._bn_bookkeeping(bn)
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum * count / (count - 1))
+        invstd = torch.rsqrt(var + bn.eps)
+        scale = invstd if bn.weight is None else bn.weight * invstd
+        shift = -mean * scale if bn.bias is None else bn.bias - mean * scale
+        return scale, shift
 
     def _recomputes(self, x: torch.Tensor, norms, next_convs=()) -> bool:
         """Whether a BN + ReLU can run inside the op that follows it (recomputed in the backward): in eager
