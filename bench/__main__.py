@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import resnet_fused as rf
 
-from . import bn, conv, memory, models, plots, report
+from . import bn, conv, memory, models, plots, report, traffic
 from .ceilings import measure_ceilings
 from resnet_fused.shapes import RESNET18_CONVS, RESNET50_CONVS
 
@@ -25,7 +25,7 @@ CONV_SHAPES = RESNET50_CONVS + RESNET18_CONVS  # ResNet-50's first: the targets 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-OPS = ("conv", "bn", "memory", "models")
+OPS = ("conv", "bn", "memory", "models", "traffic")
 
 
 def default_backends(op: str, device: torch.device) -> list[str]:
@@ -132,6 +132,8 @@ def main(argv=None) -> int:
     paths += plots.write(args.out, env, rows)
     print()
     print(report.markdown(env, rows, memory_rows))
+    if "traffic" in args.ops:
+        print(traffic.report(batch, torch.empty((), dtype=dtype).element_size()))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 1 if any(r["status"] == "wrong" for r in rows) else 0
 
