@@ -2,8 +2,10 @@
 outputs, every gradient, running statistics and num_batches_tracked. In float64 on the reference and cpu
 backends (their conv_stats is exact up to rounding, so the path itself is checked to 1e-9; they are put in
 CONV_STATS_BACKENDS for the test), and in float32 on the triton backend (the interpreter without a GPU),
-bounded by PyTorch's own float32 error against float64."""
+bounded by PyTorch's own float32 error against float64. And bench/traffic.py's model of the bytes moved."""
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,9 @@ from test_nn import BLOCKS, assert_same_step, make_block_pair, randomize_bn, run
 
 import resnet_fused as rf
 from resnet_fused.nn import fused as fused_module
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ lives beside the package
+from bench import traffic  # noqa: E402
 
 
 @pytest.fixture
@@ -116,3 +121,18 @@ def test_resnet_float64(block, backend, monkeypatch, conv_stats_calls):
     reference = torchvision_reference(fused)
     assert_same_step(fused, reference, torch.randn(2, 3, 32, 32, dtype=torch.float64), steps=2)
     assert len(conv_stats_calls) == 2 * 4 * (block._depth + 1) - (0 if block is rf.nn.Bottleneck else 2)
+
+
+def test_traffic_model_and_saved_bytes():
+    """bench/traffic.py: the conv_stats forward of a downsampling Bottleneck reads and writes exactly
+    conv1 (x, y1), conv2 (y1, y2), conv3 (y2, y3), the downsample conv (x, yd) and the exit (y3, yd, out); both
+    paths keep about the same for the backward (the conv outputs, the block input and output)."""
+    shape = traffic.BottleneckShape("test", 64, 16, 2, 8, 1)
+    e = {"x": 2 * 64 * 64, "y1": 2 * 16 * 64, "y2": 2 * 16 * 16, "y3": 2 * 64 * 16}
+    moved = traffic.bytes_moved(shape, 2, 2)
+    expected = (e["x"] + e["y1"]) + (e["y1"] + e["y2"]) + (e["y2"] + e["y3"]) + (e["x"] + e["y3"]) + 3 * e["y3"]
+    assert moved["conv_stats"]["forward"] == 2 * expected
+    assert moved["conv_stats"]["forward"] < moved["today"]["forward"]
+    if "cpu" in rf.available_backends():
+        saved = traffic.saved_for_backward(2, 6, torch.float32, "cpu")
+        assert 3.0 < saved["conv_stats"] < 3.6 and 3.0 < saved["today"] < 3.6
