@@ -293,6 +293,54 @@ def test_triton_float64_is_refused():
 
 
 # ----------------------------------------------------------------------------------------------
+# The exit of a block on conv_stats: relu(y * scale + shift + shortcut'), one pass on the triton backend
+# ----------------------------------------------------------------------------------------------
+def exit_sample(residual: str, dtype, memory_format, requires_grad=False):
+    fmt = MEMORY_FORMATS[memory_format]
+
+    def act():
+        return torch.randn(2, 5, 4, 3, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(requires_grad)
+
+    def param():
+        return (torch.rand(5) + 0.5).requires_grad_(requires_grad)
+
+    y, scale, shift = act(), param(), (torch.randn(5) * 0.5).requires_grad_(requires_grad)
+    shortcut = None if residual == "none" else act()
+    extra = (param(), (torch.randn(5) * 0.5).requires_grad_(requires_grad)) if residual == "affine" else (None, None)
+    return (y, scale, shift, shortcut, *extra)
+
+
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("residual", ["none", "plain", "affine"])
+def test_triton_block_exit(residual, dtype, memory_format):
+    skip_unless_runs("conv_stats", "triton", "cpu", dtype)
+    from resnet_fused.ops.conv_stats import bn_add_relu
+    args = exit_sample(residual, dtype, memory_format, requires_grad=True)
+    out = bn_add_relu(*args, backend="triton")
+    assert out.dtype == dtype and out.is_contiguous(memory_format=MEMORY_FORMATS[memory_format])
+    args64 = to_float64(args)
+    expected = bn_add_relu(*args64, backend="reference")
+    assert_parity(out, bn_add_relu(*args, backend="reference"), expected)
+    if dtype == torch.float32:
+        grad = torch.randn_like(expected)
+        inputs = [t for t in args if t is not None]
+        actual = torch.autograd.grad(out, inputs, grad.to(out.dtype))
+        same = torch.autograd.grad(bn_add_relu(*args, backend="reference"), inputs, grad.to(out.dtype))
+        oracle_grads = torch.autograd.grad(expected, [t for t in args64 if t is not None], grad)
+        for i, (a, t, o) in enumerate(zip(actual, same, oracle_grads)):
+            assert_parity(a, t, o, what=f"grad {i}")
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("residual", ["none", "plain", "affine"])
+def test_opcheck_block_exit(residual, requires_grad):
+    skip_unless_runs("conv_stats", "triton", "cpu", torch.float32)
+    args = exit_sample(residual, torch.float32, "nhwc", requires_grad)
+    torch.library.opcheck(torch.ops.resnet_fused.bn_add_relu_triton.default, args)
+
+
+# ----------------------------------------------------------------------------------------------
 # The Triton kernel's variants, through its launcher's test hooks (interpreter or GPU)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("hooks", [dict(k_flat=True), dict(k_flat=False), dict(index_64=True),
@@ -321,7 +369,7 @@ def test_aot_compile_all_configs(tmp_path):
     failed = [(r["case"], r["arch"], r["dtype"], r["tile"], r["error"][:300]) for r in rows if not r["ok"]]
     assert not failed, failed
     assert {r["arch"] for r in rows} == {80, 90}
-    assert {r["kernel"] for r in rows} == {"conv_stats", "combine_stats"}
+    assert {r["kernel"] for r in rows} == {"conv_stats", "combine_stats", "bn_add_relu"}
     no_tc = [(r["case"], r["arch"], r["dtype"], r["tile"]) for r in rows
              if r["kernel"] == "conv_stats" and r["dtype"] != "fp32" and not r["tensor_cores"]]
     assert not no_tc, f"16-bit compiles without the arch's tensor-core MMA: {no_tc}"

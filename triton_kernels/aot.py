@@ -202,7 +202,8 @@ def bn_cases():
 
 # conv_stats.py: activations and weights in the compile's dtype; BN scale/shift (float32 under autocast)
 # and the statistics buffers fp32.
-_STATS_FP32_PTRS = ("scale_ptr", "shift_ptr", "count_ptr", "mean_ptr", "m2_ptr", "out_mean_ptr", "out_var_ptr")
+_STATS_FP32_PTRS = ("scale_ptr", "shift_ptr", "count_ptr", "mean_ptr", "m2_ptr", "out_mean_ptr", "out_var_ptr",
+                    "r_scale_ptr", "r_shift_ptr")
 
 
 def _stats_case(name, n, c_in, h, c_out, k, s, p, prologue=True, index_64=False, config_limit=None):
@@ -217,7 +218,8 @@ def _stats_case(name, n, c_in, h, c_out, k, s, p, prologue=True, index_64=False,
 def stats_cases():
     """conv_stats.py at batch 32: the tap loop with the prologue on a stage-4 3x3 conv (C=512: no config
     clamped) and a stage-3 1x1 expand conv, the flat-K loop on the stem (no prologue: it reads the image),
-    int64 index math on the first config, and the combine kernel (fp32 pointers only)."""
+    int64 index math, the combine kernel (fp32 pointers only), and the block exit with a downsample
+    branch's BN (NHWC and NCHW)."""
     return [
         _stats_case("3x3_c512_tap", 32, 512, 7, 512, 3, 1, 1),
         _stats_case("3x3_c512_tap_i64", 32, 512, 7, 512, 3, 1, 1, index_64=True),
@@ -225,7 +227,9 @@ def stats_cases():
         _stats_case("7x7s2_stem_flat", 32, 3, 224, 64, 7, 2, 3, prologue=False),
         Case("combine_stats", "combine_stats", dict(TILES=32 * 56 * 56 // 64, C=256), {},
              ptr_dtypes=dict.fromkeys(_STATS_FP32_PTRS, "fp32"), only_dtypes=("fp32",)),
-    ]
+    ] + [Case(f"bn_add_relu_{fmt}", "bn_add_relu", dict(numel=32 * 256 * 56 * 56, C=256, HW=56 * 56),
+              dict(CHANNELS_LAST=fmt == "nhwc", HAS_RES=True, R_AFFINE=True),
+              ptr_dtypes=dict.fromkeys(_STATS_FP32_PTRS, "fp32")) for fmt in ("nhwc", "nchw")]
 
 
 def _bn_configs_for(case: Case, dtype: str):
@@ -349,7 +353,7 @@ def configs_for(case: Case, arch: int, dtype: str):
     from . import conv_bn_act as mod
     if case.kernel in bn_act.KERNELS:
         return _bn_configs_for(case, dtype)
-    if case.kernel == "combine_stats":
+    if case.kernel in ("combine_stats", "bn_add_relu"):
         return conv_stats.KERNELS[case.kernel][1]
     if case.kernel == "conv_stats":
         i = case.ints

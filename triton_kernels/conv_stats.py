@@ -41,7 +41,8 @@ import triton.language as tl
 
 from .conv_bn_act import (CONV_AUTOTUNE_KEY, FP32_INPUT_PRECISION, INTERPRET, K_FLAT_BELOW, _extent, _INT32_LIMIT, _next_pow2, _output_pixels, _out_size)
 
-__all__ = ["conv_stats", "stats_configs", "ALL_STATS_CONFIGS", "COMBINE_CONFIG", "KERNELS", "INTERPRET"]
+__all__ = ["conv_stats", "bn_add_relu", "stats_configs", "ALL_STATS_CONFIGS", "COMBINE_CONFIG", "EXIT_CONFIG",
+           "KERNELS", "INTERPRET"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -271,10 +272,35 @@ def _combine_stats_kernel(count_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr
     tl.store(out_var_ptr + cols, m2 / total, mask=mask_c)  # 0 / 0 = NaN for an empty batch
 
 
+@triton.jit
+def _bn_add_relu_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, r_scale_ptr, r_shift_ptr, out_ptr, numel, C, HW,
+                        CHANNELS_LAST: tl.constexpr, HAS_RES: tl.constexpr, R_AFFINE: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """out = relu(y * scale[c] + shift[c] + r'), r' = r * r_scale[c] + r_shift[c] (R_AFFINE), r, or nothing
+    (not HAS_RES): the block's exit in one pass. y, r and out share one dense layout (NCHW or NHWC)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    c = offs % C if CHANNELS_LAST else (offs // HW) % C
+    v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(scale_ptr + c, mask=mask, other=0.0)
+    v += tl.load(shift_ptr + c, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if R_AFFINE:
+            r = r * tl.load(r_scale_ptr + c, mask=mask, other=0.0) + tl.load(r_shift_ptr + c, mask=mask, other=0.0)
+        v += r
+    v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# The exit kernel's one config: bandwidth-bound, 16-byte accesses per thread at 8 warps.
+# TODO(gpu): not timed yet.
+EXIT_CONFIG = {"BLOCK": 2048}
+
 # name -> (raw @triton.jit kernel, all its autotune configs), for aot.py.
 KERNELS = {
     "conv_stats": (_conv_stats_kernel, ALL_STATS_CONFIGS),
     "combine_stats": (_combine_stats_kernel, [triton.Config(COMBINE_CONFIG, num_warps=4, num_stages=2)]),
+    "bn_add_relu": (_bn_add_relu_kernel, [triton.Config(EXIT_CONFIG, num_warps=8, num_stages=1)]),
 }
 
 if INTERPRET:
@@ -363,3 +389,23 @@ def _launch(x, weight, scale, shift, stride, padding, dilation, groups, relu, ou
         _combine_stats_kernel[(triton.cdiv(C_out, COMBINE_CONFIG["BLOCK_C"]),)](
             count, part_mean, part_m2, mean, var, tiles, C_out, **COMBINE_CONFIG)
     return out, mean, var
+
+
+def bn_add_relu(y, scale, shift, residual, residual_scale, residual_shift, out):
+    """Writes relu(y * scale[c] + shift[c] + residual') to ``out`` and returns it, residual' being
+    residual * residual_scale[c] + residual_shift[c] when those are given, else residual (or 0 for None).
+    y, residual and out share one shape and dense layout; scale, shift and the residual's are contiguous (C,)."""
+    numel = y.numel()
+    if numel == 0:
+        return out
+    channels_last = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    affine = residual_scale is not None
+    grid = (triton.cdiv(numel, EXIT_CONFIG["BLOCK"]),)
+    with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():
+        # unused pointers get y's or scale's (never read)
+        _bn_add_relu_kernel[grid](y, scale, shift, y if residual is None else residual,
+                                  residual_scale if affine else scale, residual_shift if affine else shift, out,
+                                  numel, y.shape[1], y.shape[2] * y.shape[3], CHANNELS_LAST=channels_last,
+                                  HAS_RES=residual is not None, R_AFFINE=affine,
+                                  **EXIT_CONFIG, **({} if INTERPRET else {"num_warps": 8}))
+    return out

@@ -45,15 +45,16 @@ class _ResidualBlock(FusedModule):
         ds_tail = list(down)[-2:] if down is not None and downsample_norms(down) else []
         if down is None or ds_tail:
             convs = [conv for _, conv, _ in steps] + ds_tail[:1]
-            if self._uses_conv_stats(x, convs, [bn for _, _, bn in steps] + ds_tail[1:]):
+            backend = self._conv_stats_backend(x, convs, [bn for _, _, bn in steps] + ds_tail[1:])
+            if backend is not None:
                 if self.plain:
-                    return self._conv_stats_block(x, steps, None)
+                    return self._conv_stats_block(backend, x, steps, None)
                 if down is None:
-                    return self._conv_stats_block(x, steps, x)
+                    return self._conv_stats_block(backend, x, steps, x)
                 source = x
                 for module in list(down)[:-2]:  # e.g. timm's average-pool shortcut
                     source = module(source)
-                return self._conv_stats_block(x, steps, (source, *ds_tail))
+                return self._conv_stats_block(backend, x, steps, (source, *ds_tail))
         shortcut = None if self.plain else self._downsample(x, self.downsample)
         return self._conv_bn_steps(x, steps, shortcut, self.low_memory)
 

@@ -35,6 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..backends import has_kernel, resolve_backend, supports_dtype
 from ..ops import bn_act, conv_bn_act, conv_stats, fold_bn
+from ..ops.conv_stats import bn_add_relu
 from ..ops.recomputed_bn_relu import bn_relu_conv, bn_relu_conv_bn_act
 
 
@@ -176,42 +177,40 @@ class FusedModule(nn.Module):
                                    residual=_cast(residual, y.dtype), momentum2=momentum, eps2=last.eps,
                                    **_conv_args(conv))
 
-    def _uses_conv_stats(self, x: torch.Tensor, convs, norms) -> bool:
-        """Whether a block trains on conv_stats: every BN in `norms` training-mode (no synchronized statistics),
-        a backend in CONV_STATS_BACKENDS that runs conv_stats in the compute dtype, every conv in `convs` with
-        numeric padding and no bias, a non-empty batch, no torch.func transform."""
+    def _conv_stats_backend(self, x: torch.Tensor, convs, norms) -> str | None:
+        """The backend a block trains on with conv_stats, or None for the other paths: every BN in `norms`
+        training-mode (no synchronized statistics), a backend in CONV_STATS_BACKENDS that runs conv_stats in
+        the compute dtype, every conv in `convs` with numeric padding and no bias, a non-empty batch, no
+        torch.func transform."""
         if x.numel() == 0 or self.process_group is not None or torch._C._are_functorch_transforms_active():
-            return False
+            return None
         if not all(_trains(bn) for bn in norms):
-            return False
+            return None
         if not all(not isinstance(conv.padding, str) and conv.bias is None for conv in convs):
-            return False
+            return None
         dtype = compute_dtype(x)
         name = resolve_backend("conv_bn_act", self.backend, x.device, dtype)
-        return name in CONV_STATS_BACKENDS and has_kernel("conv_stats", name) and supports_dtype(
+        usable = name in CONV_STATS_BACKENDS and has_kernel("conv_stats", name) and supports_dtype(
             "conv_stats", name, dtype)
+        return name if usable else None
 
-    def _conv_stats_block(self, x: torch.Tensor, steps, shortcut) -> torch.Tensor:
+    def _conv_stats_block(self, backend: str, x: torch.Tensor, steps, shortcut) -> torch.Tensor:
         """A block's training forward on conv_stats: `steps` [(key, conv, bn), ...] run as conv_stats, each
         conv applying the previous BN + ReLU to its input; `shortcut` is None (plain), a tensor, or
         (input, conv, bn) of a downsample branch, whose BN is applied at the exit. Returns
-        relu(y_last * scale + shift + shortcut)."""
+        relu(y_last * scale + shift + shortcut) (bn_add_relu: one pass on the triton backend)."""
         dtype = compute_dtype(x)
         z, scale, shift = _cast(x, dtype), None, None
         for _, conv, bn in steps:
             z, mean, var = conv_stats(z, _cast(conv.weight, dtype), scale, shift, relu=True, **_conv_args(conv),
-                                      backend=self.backend)
+                                      backend=backend)
             scale, shift = self._batch_scale_shift(bn, z, mean, var)
-        out = torch.addcmul(shift.reshape(1, -1, 1, 1), z, scale.reshape(1, -1, 1, 1))
         if isinstance(shortcut, tuple):
             source, conv, bn = shortcut
             yd, mean, var = conv_stats(_cast(source, dtype), _cast(conv.weight, dtype), **_conv_args(conv),
-                                       backend=self.backend)
-            scale_d, shift_d = self._batch_scale_shift(bn, yd, mean, var)
-            out = out + torch.addcmul(shift_d.reshape(1, -1, 1, 1), yd, scale_d.reshape(1, -1, 1, 1))
-        elif shortcut is not None:
-            out = out + shortcut
-        return out.relu().to(dtype)
+                                       backend=backend)
+            return bn_add_relu(z, scale, shift, yd, *self._batch_scale_shift(bn, yd, mean, var), backend=backend)
+        return bn_add_relu(z, scale, shift, _cast(shortcut, dtype), backend=backend)
 
     def _batch_scale_shift(self, bn: _BatchNorm, y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor):
         """(scale, shift) of training-mode `bn` normalizing y, whose batch mean and biased variance are given:

@@ -122,5 +122,54 @@ def register_formulas(qualname: str) -> None:
     torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
 
 
+def bn_add_relu(y, scale, shift, residual=None, residual_scale=None, residual_shift=None, *, backend):
+    """relu(y * scale[c] + shift[c] + residual'), residual' = residual * residual_scale[c] + residual_shift[c]
+    (a downsample branch's BN) or residual: the exit of a block training on conv_stats, in y's dtype and
+    layout. One pass on the triton backend; PyTorch ops on the others. `backend` is the block's resolved one;
+    the arguments are the blocks' own (not checked again)."""
+    if backend == "triton":
+        return torch.ops.resnet_fused.bn_add_relu_triton(y, scale, shift, residual, residual_scale, residual_shift)
+    shape = (1, -1, 1, 1)
+    out = torch.addcmul(shift.reshape(shape), y, scale.reshape(shape))
+    if residual_scale is not None:
+        out = out + torch.addcmul(residual_shift.reshape(shape), residual, residual_scale.reshape(shape))
+    elif residual is not None:
+        out = out + residual
+    return out.relu().to(y.dtype)
+
+
+def _fake_bn_add_relu(y, scale, shift, residual, residual_scale, residual_shift):
+    return empty_output(y, y.shape)
+
+
+def _setup_bn_add_relu(ctx, inputs, output):
+    y, scale, shift, residual, residual_scale, residual_shift = inputs
+    ctx.save_for_backward(y, scale, residual, residual_scale, output)  # the output for ReLU's mask
+
+
+def _backward_bn_add_relu(ctx, grad):
+    y, scale, residual, residual_scale, out = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dtype, shape, dims = scale.dtype, (1, -1, 1, 1), (0, 2, 3)
+    grad_pre = torch.ops.aten.threshold_backward(grad, out, 0).to(dtype)
+    grad_y = (grad_pre * scale.reshape(shape)).to(y.dtype) if need[0] else None
+    grad_scale = (grad_pre * y.to(dtype)).sum(dims) if need[1] else None
+    grad_shift = grad_pre.sum(dims) if need[2] or need[5] else None
+    grad_residual = grad_residual_scale = None
+    if residual_scale is None:
+        grad_residual = grad_pre.to(residual.dtype) if need[3] else None
+    else:
+        grad_residual = (grad_pre * residual_scale.reshape(shape)).to(residual.dtype) if need[3] else None
+        grad_residual_scale = (grad_pre * residual.to(dtype)).sum(dims) if need[4] else None
+    return (grad_y, grad_scale, grad_shift if need[2] else None, grad_residual, grad_residual_scale,
+            grad_shift if need[5] else None)
+
+
+def register_bn_add_relu_formulas(qualname: str) -> None:
+    """Fake kernel and autograd for a backend's bn_add_relu op."""
+    torch.library.register_fake(qualname)(_fake_bn_add_relu)
+    torch.library.register_autograd(qualname, _backward_bn_add_relu, setup_context=_setup_bn_add_relu)
+
+
 if library_loaded("_C"):
     register_formulas("resnet_fused::conv_stats")

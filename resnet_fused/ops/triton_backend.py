@@ -15,6 +15,7 @@ from .add_act import register_formulas as register_add_act_formulas
 from .bn_act import register_formulas as register_bn_act_formulas
 from .conv_bn_act import conv_output_shape
 from .conv_bn_act import register_formulas as register_conv_bn_act_formulas
+from .conv_stats import register_bn_add_relu_formulas
 from .conv_stats import register_formulas as register_conv_stats_formulas
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -46,6 +47,17 @@ if TRITON_INSTALLED:
         return conv_stats_kernels.conv_stats(x, weight, scale, shift, stride, padding, dilation, groups, relu, out)
 
     register_conv_stats_formulas("resnet_fused::conv_stats_triton")
+
+    @torch.library.custom_op("resnet_fused::bn_add_relu_triton", mutates_args=())
+    def bn_add_relu_triton(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+                           residual_scale: Optional[Tensor], residual_shift: Optional[Tensor]) -> Tensor:
+        y = _dense_as(y, y)
+        params = [None if t is None else t.contiguous() for t in (scale, shift, residual_scale, residual_shift)]
+        out = empty_output(y, y.shape)
+        return conv_stats_kernels.bn_add_relu(y, params[0], params[1], _dense_as(y, residual), params[2], params[3],
+                                              out)
+
+    register_bn_add_relu_formulas("resnet_fused::bn_add_relu_triton")
 
     @torch.library.custom_op("resnet_fused::bn_act_triton", mutates_args=())
     def bn_act_triton(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], running_mean: Tensor,
