@@ -21,7 +21,7 @@ conv_stats:
     (reads the input, writes z), data gradient (reads grad_acc, writes grad_z), weight gradient (reads
     grad_acc, z), prologue gradient (reads grad_z and the input, writes grad_in).
 The conv_stats backward is counted as those passes; today it runs as several PyTorch ops per pass (more
-traffic), and the exit as several elementwise ops: fusing them is what the model counts.
+traffic), as does the exit's backward (its forward is one Triton pass): fusing them is what the model counts.
 """
 import contextlib
 from dataclasses import dataclass
