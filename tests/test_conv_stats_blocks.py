@@ -102,14 +102,15 @@ def test_triton_block_float32(kind, conv_stats_calls):
     assert conv_stats_calls and set(conv_stats_calls) == {"triton"}
 
 
-def test_triton_resnet18_float32(conv_stats_calls):
-    """A one-block-per-stage ResNet-18 layout: stem (BN + ReLU in the max pool's op), four blocks on conv_stats
-    (three with a downsample branch), head."""
+@pytest.mark.parametrize("block", [rf.nn.BasicBlock, rf.nn.Bottleneck], ids=["resnet18_layout", "resnet50_layout"])
+def test_triton_resnet_float32(block, conv_stats_calls):
+    """One block per stage (ResNet-18's and ResNet-50's widths): stem (BN + ReLU in the max pool's op), four
+    blocks on conv_stats, head. 48x48 images: layer4 normalizes over 8 values per channel, not 2."""
     if "triton" not in backends_for("conv_stats", "cpu"):
         pytest.skip("the triton backend cannot run on CPU tensors here (no interpreter)")
-    fused = randomize_bn(small_resnet(backend="triton"))
+    fused = randomize_bn(small_resnet(block, backend="triton"))
     _float32_step_parity(fused, torchvision_reference(fused), torch.randn(2, 3, 48, 48))
-    assert len(conv_stats_calls) == 2 + 3 * 3
+    assert len(conv_stats_calls) == 4 * (block._depth + 1) - (1 if block is rf.nn.BasicBlock else 0)
 
 
 @pytest.mark.parametrize("block", [rf.nn.BasicBlock, rf.nn.Bottleneck], ids=["resnet18_layout", "resnet50_layout"])
@@ -136,3 +137,20 @@ def test_traffic_model_and_saved_bytes():
     if "cpu" in rf.available_backends():
         saved = traffic.saved_for_backward(2, 6, torch.float32, "cpu")
         assert 3.0 < saved["conv_stats"] < 3.6 and 3.0 < saved["today"] < 3.6
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_compiled_block(backend, monkeypatch):
+    """The conv_stats path under torch.compile(fullgraph=True): no graph break, the eager step's results."""
+    _enable(monkeypatch, backend)
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    fused, _ = make_block_pair("bottleneck", False, backend, dtype=dtype)
+    compiled = torch.compile(copy.deepcopy(fused), fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 8, 6, 6, dtype=dtype)
+    out, grads, buffers = run_step(compiled, x)
+    expected_out, expected_grads, expected_buffers = run_step(fused, x)
+    torch.testing.assert_close(out, expected_out)
+    for name in expected_grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], msg=name)
+    for name in expected_buffers:
+        torch.testing.assert_close(buffers[name], expected_buffers[name], msg=name)
