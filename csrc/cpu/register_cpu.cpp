@@ -9,3 +9,9 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("bn_act_backward", &resnet_fused::cpu::bn_act_backward);
   m.impl("add_act", &resnet_fused::cpu::add_act);
 }
+
+// A weight prepacked for oneDNN is an MKLDNN tensor, and that dispatch key outranks CPU: the same kernel
+// takes it (it passes the packed weight to oneDNN).
+TORCH_LIBRARY_IMPL(resnet_fused, MkldnnCPU, m) {
+  m.impl("conv_bn_act", &resnet_fused::cpu::conv_bn_act);
+}
