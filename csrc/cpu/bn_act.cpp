@@ -1,6 +1,7 @@
 // bn_act and its backward on the CPU, vectorized (loops.h). The forward reads x once for the statistics
 // (per-chunk moments merged with Chan's formula, in double) and once to apply them; the backward makes one
-// reduction pass, which also writes the ReLU-masked gradient, and one apply pass.
+// reduction pass, which also writes the ReLU-masked gradient, and one apply pass (in place over that gradient
+// when the caller does not need it).
 #include <cmath>
 
 #include <ATen/Dispatch.h>
@@ -124,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     const at::Tensor& grad_out_in, const at::Tensor& out_in, const at::Tensor& x_in,
     const at::Tensor& weight, const at::Tensor& save_mean, const at::Tensor& save_invstd,
-    bool training, bool relu) {
+    bool training, bool relu, bool need_grad_pre) {
   TORCH_CHECK(x_in.dim() == 4, "bn_act_backward: x must be 4-D, got ", x_in.sizes());
   TORCH_CHECK(grad_out_in.sizes() == x_in.sizes() && out_in.sizes() == x_in.sizes(),
               "bn_act_backward: grad_out and out must have x's shape ", x_in.sizes());
@@ -140,8 +141,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
   const at::Tensor mean_t = save_mean.to(opmath).contiguous();
   const at::Tensor invstd_t = save_invstd.to(opmath).contiguous();
 
-  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Preserve);
+  // Without grad_pre, the masked gradient is written into grad_x's buffer and grad_x computed over it in place.
   at::Tensor grad_pre = at::empty_like(x, at::MemoryFormat::Preserve);
+  at::Tensor grad_x = need_grad_pre ? at::empty_like(x, at::MemoryFormat::Preserve) : grad_pre;
   at::Tensor grad_weight = at::empty({channels}, weight.options().dtype(at::kDouble));
   at::Tensor grad_bias = at::empty({channels}, weight.options().dtype(at::kDouble));
 
@@ -186,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
           return std::array<Acc, 1>{in[0] * p[0] - p[1] - p[2] * (in[1] - p[3])};
         });
   });
-  return {grad_x, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type()), grad_pre};
+  return {grad_x, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type()),
+          need_grad_pre ? grad_pre : at::empty({0}, x.options())};
 }
 
 }  // namespace resnet_fused::cpu

@@ -153,6 +153,10 @@ struct ReductionPlan {
     return {pieces, (v.s + pieces - 1) / pieces};
   }
   int64_t units(const ChannelView& v) const { return v.channels_last() ? pieces : v.n * v.c * pieces; }
+  // Channels whose partial results a unit holds: all of them (NHWC rows), or its plane's one (NCHW).
+  static int64_t slots(const ChannelView& v) { return v.channels_last() ? v.c : 1; }
+  // The channel of an NCHW unit.
+  int64_t channel(const ChannelView& v, int64_t unit) const { return unit / pieces % v.c; }
 };
 
 // Rows of an NHWC chunk: its values stay in cache between the passes over it (at most 64 KB of float), and
@@ -174,7 +178,8 @@ std::vector<double> sum_per_channel(const ChannelView& v, const std::array<const
   using Acc = typename IO::Acc;
   using opmath_t = typename IO::opmath_t;
   const ReductionPlan plan = ReductionPlan::of(v);
-  std::vector<double> partial(plan.units(v) * kTerms * v.c, 0.0);  // [unit][term][channel]
+  const int64_t slots = ReductionPlan::slots(v);
+  std::vector<double> partial(plan.units(v) * kTerms * slots, 0.0);  // [unit][term][slot]
 
   auto accumulate = [&](int64_t offset, int64_t count, int64_t channel, std::array<opmath_t*, kTerms> acc) {
     // acc: padded(count) values per term (channel < 0) or kWidth lanes (one channel)
@@ -219,7 +224,7 @@ std::vector<double> sum_per_channel(const ChannelView& v, const std::array<const
       std::array<opmath_t*, kTerms> acc_of;
       for (int t = 0; t < kTerms; ++t) acc_of[t] = acc.data() + t * width;
       for (int64_t unit = begin; unit < end; ++unit) {
-        double* out = partial.data() + unit * kTerms * v.c;
+        double* out = partial.data() + unit * kTerms * slots;
         const int64_t last = std::min(v.n * v.s, (unit + 1) * plan.piece_size);
         for (int64_t row = unit * plan.piece_size; row < last; row += chunk_rows(v.c)) {
           std::fill(acc.begin(), acc.end(), opmath_t(0));
@@ -236,22 +241,28 @@ std::vector<double> sum_per_channel(const ChannelView& v, const std::array<const
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t plane = unit / plan.pieces, channel = plane % v.c;
         const int64_t start = unit % plan.pieces * plan.piece_size, stop = std::min(v.s, start + plan.piece_size);
-        double* out = partial.data() + unit * kTerms * v.c;
+        double* out = partial.data() + unit * kTerms;
         for (int64_t s = start; s < stop; s += kChunk) {
           acc.fill(opmath_t(0));
           accumulate(plane * v.s + s, std::min(kChunk, stop - s), channel, acc_of);
           for (int t = 0; t < kTerms; ++t) {
             double lanes = 0;
             for (int64_t l = 0; l < IO::kWidth; ++l) lanes += acc_of[t][l];
-            out[t * v.c + channel] += lanes;
+            out[t] += lanes;
           }
         }
       }
     }
   });
   std::vector<double> sums(kTerms * v.c, 0.0);
-  for (int64_t unit = 0; unit < plan.units(v); ++unit)
-    for (int64_t i = 0; i < kTerms * v.c; ++i) sums[i] += partial[unit * kTerms * v.c + i];
+  for (int64_t unit = 0; unit < plan.units(v); ++unit) {
+    const double* from = partial.data() + unit * kTerms * slots;
+    if (v.channels_last()) {
+      for (int64_t i = 0; i < kTerms * v.c; ++i) sums[i] += from[i];
+    } else {
+      for (int t = 0; t < kTerms; ++t) sums[t * v.c + plan.channel(v, unit)] += from[t];
+    }
+  }
   return sums;
 }
 
@@ -285,8 +296,9 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
   using opmath_t = typename IO::opmath_t;
   const ReductionPlan plan = ReductionPlan::of(v);
   const int64_t units = plan.units(v);
-  // Per unit and channel: (count, mean, M2); NCHW units hold one channel each.
-  std::vector<double> count(units * v.c, 0.0), mean(units * v.c, 0.0), m2(units * v.c, 0.0);
+  // Per unit and slot: (count, mean, M2); NCHW units hold one channel each.
+  const int64_t slots = ReductionPlan::slots(v);
+  std::vector<double> count(units * slots, 0.0), mean(units * slots, 0.0), m2(units * slots, 0.0);
 
   // Sums over `count` contiguous values from `offset` into acc (kWidth lanes per channel, NHWC: a row of them):
   // sum of (x - shift), or with `centre`, sum of (x - centre)^2.
@@ -317,9 +329,9 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
         const int64_t first = unit * plan.piece_size, last = std::min(v.n * v.s, first + plan.piece_size);
         if (first >= last) continue;
         for (int64_t c = 0; c < v.c; ++c) shift[c] = static_cast<opmath_t>(x[first * v.c + c]);
-        double* n_u = count.data() + unit * v.c;
-        double* mean_u = mean.data() + unit * v.c;
-        double* m2_u = m2.data() + unit * v.c;
+        double n_u = 0;  // every channel of a row range has the same count
+        double* mean_u = mean.data() + unit * slots;
+        double* m2_u = m2.data() + unit * slots;
         for (int64_t row = first; row < last; row += chunk_rows(v.c)) {
           const int64_t rows = std::min(last, row + chunk_rows(v.c)) - row;
           std::fill(acc.begin(), acc.end(), opmath_t(0));
@@ -330,13 +342,18 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
           }
           std::fill(acc.begin(), acc.end(), opmath_t(0));
           for (int64_t r = row; r < row + rows; ++r) sweep(r * v.c, v.c, -1, acc.data(), centre.data(), true);
+          // Chan's merge with the count weights hoisted out of the channel loop (all channels share the counts).
+          const double total = n_u + rows, weight = rows / total, cross = n_u * rows / total;
           for (int64_t c = 0; c < v.c; ++c) {
             // M2 about the rounded centre, corrected to the exact chunk mean: sum (x - m)^2 = sum (x - c)^2 - n (m - c)^2
             const double offset = chunk_mean[c] - static_cast<double>(centre[c]);
-            detail::chan_merge(n_u[c], mean_u[c], m2_u[c], rows, chunk_mean[c],
-                               static_cast<double>(acc[c]) - rows * offset * offset);
+            const double delta = chunk_mean[c] - mean_u[c];
+            mean_u[c] += delta * weight;
+            m2_u[c] += static_cast<double>(acc[c]) - rows * offset * offset + delta * delta * cross;
           }
+          n_u = total;
         }
+        std::fill(count.begin() + unit * slots, count.begin() + (unit + 1) * slots, n_u);
       }
     } else {
       constexpr int64_t kChunk = 4096;
@@ -347,9 +364,9 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
         if (start >= stop) continue;
         const int64_t base = plane * v.s;
         const opmath_t shift = static_cast<opmath_t>(x[base + start]);
-        double& n_u = count[unit * v.c + channel];
-        double& mean_u = mean[unit * v.c + channel];
-        double& m2_u = m2[unit * v.c + channel];
+        double& n_u = count[unit];
+        double& mean_u = mean[unit];
+        double& m2_u = m2[unit];
         for (int64_t s = start; s < stop; s += kChunk) {
           const int64_t n_values = std::min(kChunk, stop - s);
           acc.fill(opmath_t(0));
@@ -371,11 +388,12 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
 
   Moments result{std::vector<double>(v.c, 0.0), std::vector<double>(v.c, 0.0)};
   std::vector<double> total(v.c, 0.0);
-  for (int64_t unit = 0; unit < units; ++unit)
-    for (int64_t c = 0; c < v.c; ++c) {
-      const int64_t i = unit * v.c + c;
+  for (int64_t unit = 0; unit < units; ++unit) {
+    for (int64_t slot = 0; slot < slots; ++slot) {
+      const int64_t i = unit * slots + slot, c = v.channels_last() ? slot : plan.channel(v, unit);
       if (count[i] > 0) detail::chan_merge(total[c], result.mean[c], result.m2[c], count[i], mean[i], m2[i]);
     }
+  }
   return result;
 }
 

@@ -30,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..backends import resolve_backend
 from ..ops import bn_act, conv_bn_act, fold_bn
+from ..ops._layout import output_memory_format
 from ..ops.recomputed_bn_relu import bn_relu_conv, bn_relu_conv_bn_act
 
 
@@ -70,6 +71,18 @@ def _fold(conv: nn.Conv2d, bn, dtype: torch.dtype):
         return _cast(conv.weight, dtype), _cast(conv.bias, dtype)
     weight, bias = fold_bn(conv.weight, conv.bias, bn)
     return _cast(weight, dtype), _cast(bias, dtype)
+
+
+def _onednn_runs(x: torch.Tensor, conv: nn.Conv2d, backend: str | None) -> bool:
+    """Whether the CPU backend's conv_bn_act runs this conv of x through oneDNN (csrc/cpu/conv_bn_act.cpp) on a
+    weight prepacked for it: channels_last, float32 or bfloat16 (where oneDNN has it), a non-empty batch,
+    numeric padding, and no gradient to x (the backward's convolution_backward takes plain weights only)."""
+    return (x.device.type == "cpu" and x.shape[0] > 0 and not isinstance(conv.padding, str)
+            and output_memory_format(x) == torch.channels_last
+            and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and resolve_backend("conv_bn_act", backend, x.device, x.dtype) == "cpu")
 
 
 def _trains(bn: nn.Module) -> bool:
@@ -133,8 +146,10 @@ class FusedModule(nn.Module):
         if _trains(bn):
             return self._batch_norm(self._conv(x, conv), bn, _cast(residual, compute_dtype(x)), relu)
         dtype = compute_dtype(x)
+        x = _cast(x, dtype)
         weight, bias = self._folded(key, conv, bn, dtype)
-        return conv_bn_act(_cast(x, dtype), weight, bias, _cast(residual, dtype), **_conv_args(conv), relu=relu,
+        weight = self._prepacked(key, x, conv, weight)
+        return conv_bn_act(x, weight, bias, _cast(residual, dtype), **_conv_args(conv), relu=relu,
                            backend=self.backend)
 
     def _conv_bn_steps(self, x: torch.Tensor, steps, residual: torch.Tensor | None,
@@ -235,6 +250,25 @@ class FusedModule(nn.Module):
             folded = _fold(conv, bn, dtype)
         self._fold_cache[(key, dtype)] = (stamp, folded)
         return folded
+
+    def _prepacked(self, key: str, x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor) -> torch.Tensor:
+        """The cached folded `weight`, prepacked into oneDNN's blocked layout for x's shape when the CPU backend's
+        conv_bn_act will run it through oneDNN (channels_last, float32 or bfloat16, no gradient to x): a plain
+        weight costs a reorder per call, and a layout chosen without the input's shape can be several times
+        slower (measured: ResNet-50's layer4 1x1 conv). Kept in the folded weights' cache entry, so the same stamp
+        invalidates both; another input shape packs again. Any other case gets `weight` back."""
+        entry = self._fold_cache.get((key, weight.dtype))
+        if entry is None or entry[1][0] is not weight:  # not from the cache (compiling, differentiable fold, ...)
+            return weight
+        shape = tuple(x.shape)
+        if len(entry) == 3 and entry[2][0] == shape:
+            return entry[2][1]
+        if not _onednn_runs(x, conv, self.backend):
+            return weight
+        packed = torch.ops.mkldnn._reorder_convolution_weight(weight, list(conv.padding), list(conv.stride),
+                                                              list(conv.dilation), conv.groups, list(shape))
+        self._fold_cache[(key, weight.dtype)] = (*entry[:2], (shape, packed))
+        return packed
 
     def _downsample(self, x: torch.Tensor, downsample: nn.Module | None) -> torch.Tensor:
         """The shortcut: x, or the downsample branch with a trailing conv + BN fused (no ReLU)."""
