@@ -10,12 +10,18 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/clone.h>
 #include <ATen/ops/convolution.h>
+#include <c10/util/accumulate.h>
 
 #include "kernels.h"
 #include "loops.h"
 
 namespace resnet_fused::cpu {
 namespace {
+
+// Outputs smaller than this run ATen's convolution and the epilogue pass on plain weights: the mkldnn op builds
+// its oneDNN primitive on every call (about 15 us more than ATen's cached one, measured here), more than the
+// epilogue pass costs on so few values. resnet_fused/nn/fused.py packs weights only above the same size.
+constexpr int64_t kOneDnnMinOutput = 16384;
 
 c10::OperatorHandle mkldnn_op(const char* name, const char* overload) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
@@ -86,9 +92,10 @@ at::Tensor conv_bn_act(
               "conv_bn_act: residual must have the output's shape ", out_shape, ", got ", residual->sizes());
 
   // 16-bit NCHW: the mkldnn op computes the residual add and ReLU with ATen's add_relu, which lacks them.
-  const bool onednn = mkldnn_supports(x.scalar_type()) && x.size(0) > 0 &&
-                      (x.scalar_type() == at::kFloat || format == at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(onednn || !weight.is_mkldnn(),
+  const bool onednn_takes = mkldnn_supports(x.scalar_type()) && x.size(0) > 0 &&
+                           (x.scalar_type() == at::kFloat || format == at::MemoryFormat::ChannelsLast);
+  const bool onednn = onednn_takes && (weight.is_mkldnn() || c10::multiply_integers(out_shape) >= kOneDnnMinOutput);
+  TORCH_CHECK(onednn_takes || !weight.is_mkldnn(),
               "conv_bn_act: a prepacked (MKLDNN) weight needs a convolution oneDNN runs (float32 or bfloat16, "
               "batch > 0, oneDNN enabled); got dtype ", x.scalar_type(), " and batch ", x.size(0));
   if (onednn) {

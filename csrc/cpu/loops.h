@@ -153,6 +153,11 @@ struct ReductionPlan {
     return {pieces, (v.s + pieces - 1) / pieces};
   }
   int64_t units(const ChannelView& v) const { return v.channels_last() ? pieces : v.n * v.c * pieces; }
+  // Units per parallel task: about kGrainSize elements, so a small tensor is reduced inline, without waking
+  // the thread pool (NHWC pieces already hold that many, except the single piece of a small tensor).
+  int64_t grain(const ChannelView& v) const {
+    return v.channels_last() ? 1 : std::max<int64_t>(1, kGrainSize / std::max<int64_t>(piece_size, 1));
+  }
   // Channels whose partial results a unit holds: all of them (NHWC rows), or its plane's one (NCHW).
   static int64_t slots(const ChannelView& v) { return v.channels_last() ? v.c : 1; }
   // The channel of an NCHW unit.
@@ -217,7 +222,7 @@ std::vector<double> sum_per_channel(const ChannelView& v, const std::array<const
     }
   };
 
-  at::parallel_for(0, plan.units(v), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, plan.units(v), plan.grain(v), [&](int64_t begin, int64_t end) {
     if (v.channels_last()) {
       const int64_t width = padded<scalar_t>(v.c);
       std::vector<opmath_t> acc(kTerms * width);
@@ -320,7 +325,7 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
     }
   };
 
-  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, units, plan.grain(v), [&](int64_t begin, int64_t end) {
     if (v.channels_last()) {
       const int64_t width = padded<scalar_t>(v.c);
       std::vector<opmath_t> acc(width), shift(width), centre(width);
