@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import resnet_fused as rf
 
-from . import bn, conv, memory, models, plots, report
+from . import bn, conv, memory, models, overhead, plots, report
 from .ceilings import measure_ceilings
 from resnet_fused.shapes import RESNET18_CONVS, RESNET50_CONVS
 
@@ -26,7 +26,7 @@ CONV_SHAPES = RESNET50_CONVS + RESNET18_CONVS  # ResNet-50's first: the targets 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-OPS = ("conv", "bn", "memory", "models")
+OPS = ("conv", "bn", "overhead", "memory", "models")
 
 
 def default_backends(op: str, device: torch.device) -> list[str]:
@@ -119,6 +119,8 @@ def main(argv=None) -> int:
             for shape in bn_shapes:
                 jobs.append((shape[0] + label, lambda shape=shape, dtype=dtype: bn.run_shape(
                     shape, batch, dtype, device, backends, args.min_run_time, op_compile_modes)))
+        if "overhead" in args.ops:
+            jobs.append(("overhead" + label, lambda dtype=dtype: overhead.run(dtype, device, args.min_run_time)))
         if "models" in args.ops:
             # On a CPU: ResNet-50 inference at batch 8, 224 px, and its training step at 112 px, what a CPU user
             # would run; on a GPU, --quick shrinks them.
