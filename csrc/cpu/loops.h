@@ -101,38 +101,53 @@ void for_each_segment(const ChannelView& v, const Segment& segment) {
                    });
 }
 
-// Elementwise: out[o][i] = fn(in[0][i], ..., params[0][c], ...)[o] for every element i of channel c.
-// fn(const std::array<Acc, kIn>&, const std::array<Acc, kParams>&) -> std::array<Acc, kOut>. An output may be
-// one of the inputs (each element is read before it is written).
+// Evaluates fn over `count` contiguous elements from `offset` (of one `channel`, or, channel < 0, the channels
+// 0..count-1 of one NHWC row), a vector of VecIO::kWidth elements at a time, and hands each vector's results to
+// visit(j, n, results): the vector starts at element offset + j and has n valid lanes (a tail: n < kWidth).
+// fn(const std::array<Acc, kIn>&, const std::array<Acc, kParams>&) -> std::array<Acc, kResults>, where in[i] are
+// the inputs' values and params[k] the per-channel parameters of those elements.
+template <typename scalar_t, int kIn, int kParams, int kResults, typename Fn, typename Visit>
+void sweep_segment(int64_t offset, int64_t count, int64_t channel, const std::array<const scalar_t*, kIn>& in,
+                   const std::array<const at::opmath_type<scalar_t>*, kParams>& params, const Fn& fn,
+                   const Visit& visit) {
+  using IO = VecIO<scalar_t>;
+  using Acc = typename IO::Acc;
+  std::array<typename IO::Pack, kParams> p;
+  if (channel >= 0) {
+    for (int k = 0; k < kParams; ++k) p[k] = IO::broadcast(params[k][channel]);
+  }
+  for (int64_t j = 0; j < count; j += IO::kWidth) {
+    const int64_t n = std::min(IO::kWidth, count - j);
+    if (channel < 0) {
+      for (int k = 0; k < kParams; ++k) p[k] = IO::load_acc(params[k] + j, n);
+    }
+    std::array<typename IO::Pack, kIn> x;
+    for (int i = 0; i < kIn; ++i) x[i] = IO::load(in[i] + offset + j, n);
+    std::array<typename IO::Pack, kResults> y;
+    for (int part = 0; part < IO::kParts; ++part) {
+      std::array<Acc, kIn> xs;
+      std::array<Acc, kParams> ps;
+      for (int i = 0; i < kIn; ++i) xs[i] = x[i][part];
+      for (int k = 0; k < kParams; ++k) ps[k] = p[k][part];
+      const std::array<Acc, kResults> ys = fn(xs, ps);
+      for (int r = 0; r < kResults; ++r) y[r][part] = ys[r];
+    }
+    visit(j, n, y);
+  }
+}
+
+// Elementwise: out[o][i] = fn(in[0][i], ..., params[0][c], ...)[o] for every element i of channel c (fn as for
+// sweep_segment). An output may be one of the inputs (each element is read before it is written).
 template <typename scalar_t, int kIn, int kOut, int kParams, typename Fn>
 void map_per_channel(const ChannelView& v, const std::array<const scalar_t*, kIn>& in,
                      const std::array<scalar_t*, kOut>& out,
                      const std::array<const at::opmath_type<scalar_t>*, kParams>& params, const Fn& fn) {
   using IO = VecIO<scalar_t>;
-  using Acc = typename IO::Acc;
   for_each_segment(v, [&](int64_t offset, int64_t count, int64_t channel) {
-    std::array<typename IO::Pack, kParams> p;
-    if (channel >= 0) {
-      for (int k = 0; k < kParams; ++k) p[k] = IO::broadcast(params[k][channel]);
-    }
-    for (int64_t j = 0; j < count; j += IO::kWidth) {
-      const int64_t n = std::min(IO::kWidth, count - j);
-      if (channel < 0) {
-        for (int k = 0; k < kParams; ++k) p[k] = IO::load_acc(params[k] + j, n);
-      }
-      std::array<typename IO::Pack, kIn> x;
-      for (int i = 0; i < kIn; ++i) x[i] = IO::load(in[i] + offset + j, n);
-      std::array<typename IO::Pack, kOut> y;
-      for (int part = 0; part < IO::kParts; ++part) {
-        std::array<Acc, kIn> xs;
-        std::array<Acc, kParams> ps;
-        for (int i = 0; i < kIn; ++i) xs[i] = x[i][part];
-        for (int k = 0; k < kParams; ++k) ps[k] = p[k][part];
-        const std::array<Acc, kOut> ys = fn(xs, ps);
-        for (int o = 0; o < kOut; ++o) y[o][part] = ys[o];
-      }
-      for (int o = 0; o < kOut; ++o) IO::store(out[o] + offset + j, y[o], n);
-    }
+    sweep_segment<scalar_t, kIn, kParams, kOut>(offset, count, channel, in, params, fn,
+                                                [&](int64_t j, int64_t n, const auto& y) {
+                                                  for (int o = 0; o < kOut; ++o) IO::store(out[o] + offset + j, y[o], n);
+                                                });
   });
 }
 
@@ -188,38 +203,20 @@ std::vector<double> sum_per_channel(const ChannelView& v, const std::array<const
 
   auto accumulate = [&](int64_t offset, int64_t count, int64_t channel, std::array<opmath_t*, kTerms> acc) {
     // acc: padded(count) values per term (channel < 0) or kWidth lanes (one channel)
-    std::array<typename IO::Pack, kParams> p;
-    if (channel >= 0) {
-      for (int k = 0; k < kParams; ++k) p[k] = IO::broadcast(params[k][channel]);
-    }
-    for (int64_t j = 0; j < count; j += IO::kWidth) {
-      const int64_t n = std::min(IO::kWidth, count - j);
-      if (channel < 0) {
-        for (int k = 0; k < kParams; ++k) p[k] = IO::load_acc(params[k] + j, n);
-      }
-      std::array<typename IO::Pack, kIn> x;
-      for (int i = 0; i < kIn; ++i) x[i] = IO::load(in[i] + offset + j, n);
-      std::array<typename IO::Pack, kTerms + kOut> y;
-      for (int part = 0; part < IO::kParts; ++part) {
-        std::array<Acc, kIn> xs;
-        std::array<Acc, kParams> ps;
-        for (int i = 0; i < kIn; ++i) xs[i] = x[i][part];
-        for (int k = 0; k < kParams; ++k) ps[k] = p[k][part];
-        const std::array<Acc, kTerms + kOut> ys = fn(xs, ps);
-        for (int t = 0; t < kTerms + kOut; ++t) y[t][part] = ys[t];
-      }
-      for (int t = 0; t < kTerms; ++t) {
-        opmath_t* a = acc[t] + (channel < 0 ? j : 0);
-        typename IO::Pack sum = IO::load_acc(a);
-        for (int part = 0; part < IO::kParts; ++part) {
-          // Lanes past the data (a tail load's zeros) would add fn(0, ...): keep them out.
-          const int64_t valid = std::clamp<int64_t>(n - part * Acc::size(), 0, Acc::size());
-          sum[part] = sum[part] + (valid == Acc::size() ? y[t][part] : Acc::set(Acc(0), y[t][part], valid));
-        }
-        IO::store_acc(a, sum);
-      }
-      for (int o = 0; o < kOut; ++o) IO::store(out[o] + offset + j, y[kTerms + o], n);
-    }
+    sweep_segment<scalar_t, kIn, kParams, kTerms + kOut>(
+        offset, count, channel, in, params, fn, [&](int64_t j, int64_t n, const auto& y) {
+          for (int t = 0; t < kTerms; ++t) {
+            opmath_t* a = acc[t] + (channel < 0 ? j : 0);
+            typename IO::Pack sum = IO::load_acc(a);
+            for (int part = 0; part < IO::kParts; ++part) {
+              // Lanes past the data (a tail load's zeros) would add fn(0, ...): keep them out.
+              const int64_t valid = std::clamp<int64_t>(n - part * Acc::size(), 0, Acc::size());
+              sum[part] = sum[part] + (valid == Acc::size() ? y[t][part] : Acc::set(Acc(0), y[t][part], valid));
+            }
+            IO::store_acc(a, sum);
+          }
+          for (int o = 0; o < kOut; ++o) IO::store(out[o] + offset + j, y[kTerms + o], n);
+        });
   };
 
   at::parallel_for(0, plan.units(v), plan.grain(v), [&](int64_t begin, int64_t end) {
