@@ -12,6 +12,7 @@ Environment knobs:
 import importlib.util
 import json
 import os
+import platform
 from pathlib import Path
 
 # torch.utils.cpp_extension fixes CUDA_HOME when it is imported. Where nvcc on the PATH is a wrapper
@@ -79,17 +80,40 @@ def sources(pattern):
     return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
 
 
+# The CPU kernels are written once with at::vec::Vectorized and compiled once per instruction set, each into
+# its own library, as PyTorch compiles its own CPU kernels; at import, resnet_fused loads the one that matches
+# torch.backends.cpu.get_cpu_capability() (which ATEN_CPU_CAPABILITY overrides). Separate libraries, not
+# separate objects in one library: an inline function compiled with AVX-512 in one object could otherwise be
+# the copy the linker keeps for every caller.
+CPU_ISA_FLAGS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+}
+
+
+def cpu_isas():
+    """The instruction sets to build CPU kernels for: the x86 vector extensions only on x86-64."""
+    return list(CPU_ISA_FLAGS) if platform.machine().lower() in ("x86_64", "amd64") else ["default"]
+
+
+def cpu_kernel_extension(isa):
+    defines = [f"-DCPU_CAPABILITY={isa.upper()}"] + ([f"-DCPU_CAPABILITY_{isa.upper()}"] if isa != "default" else [])
+    return CppExtension(
+        f"resnet_fused._C_cpu_{isa}",
+        sources("csrc/cpu/*.cpp"),
+        # at::parallel_for needs OpenMP to run in parallel
+        extra_compile_args={"cxx": ["-O3", "-fopenmp", *defines, *CPU_ISA_FLAGS[isa]]},
+        extra_link_args=["-fopenmp"],
+        py_limited_api=True,
+    )
+
+
 def extensions(cuda_archs, skip_reason, cutlass, sm90_skip):
-    cxx_flags = ["-O3", "-fopenmp"]  # at::parallel_for needs OpenMP to run in parallel
-    exts = [
-        CppExtension(
-            "resnet_fused._C",
-            ["csrc/ops.cpp", *sources("csrc/cpu/*.cpp")],
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
-            py_limited_api=True,
-        )
-    ]
+    # _C holds every op schema; the CPU and CUDA libraries register kernels for them.
+    exts = [CppExtension("resnet_fused._C", ["csrc/ops.cpp"], extra_compile_args={"cxx": ["-O3"]},
+                         py_limited_api=True)]
+    exts += [cpu_kernel_extension(isa) for isa in cpu_isas()]
     if skip_reason is None:
         cuda_sources = [*sources("csrc/cuda/**/*.cpp"), *sources("csrc/cuda/**/*.cu")]
         defines, include_dirs = [], []
@@ -119,6 +143,7 @@ def write_build_config(cuda_archs, skip_reason, sm90_skip):
     config = {
         "torch_version": torch.__version__,
         "torch_cuda_version": torch.version.cuda,
+        "cpu_isas": cpu_isas(),
         "cuda_compiled": skip_reason is None,
         "cuda_skip_reason": skip_reason,
         "cuda_archs": cuda_archs if skip_reason is None else [],
@@ -127,6 +152,23 @@ def write_build_config(cuda_archs, skip_reason, sm90_skip):
         "sources_sha256": _sources_digest(),  # what bench/gpu_check.sh checks carried libraries against
     }
     (ROOT / "resnet_fused" / "_build_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+class BuildPerLibrary(BuildExtension):
+    """torch's BuildExtension (ninja), with each library's objects in a folder of its own: the CPU kernel
+    libraries compile the same sources with different flags, and shared object paths would make every
+    build recompile them all."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, use_ninja=True, **kwargs)
+
+    def build_extension(self, ext):
+        base = self.build_temp
+        self.build_temp = os.path.join(base, ext.name.rsplit(".", 1)[-1])
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = base
 
 
 skip_reason = cuda_skip_reason()
@@ -148,6 +190,6 @@ setup(
     package_data={"resnet_fused": ["_build_config.json"]},
     python_requires=">=3.10",
     ext_modules=extensions(cuda_archs, skip_reason, cutlass, sm90_skip),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildPerLibrary},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -14,18 +14,19 @@ from tqdm import tqdm
 
 import resnet_fused as rf
 
-from . import bn, conv, memory, models, plots, report, traffic
+from . import bn, conv, memory, models, overhead, plots, report, traffic
 from .ceilings import measure_ceilings
 from resnet_fused.shapes import RESNET18_CONVS, RESNET50_CONVS
 
-# --quick: one shape of each kind, small enough for a CPU in seconds.
+# --quick: one shape of each kind; at a quarter of the resolution on a GPU, at full resolution on a CPU, where
+# smaller tensors would measure the per-call overhead rather than the kernels.
 QUICK_NAMES = ("stem", "l1.conv3x3", "l1.expand", "l2.downsample", "l3.conv3x3")
 QUICK_BN_NAMES = ("c64@56", "c256@56+add", "c512@28 no-relu")
 CONV_SHAPES = RESNET50_CONVS + RESNET18_CONVS  # ResNet-50's first: the targets are set on them
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-OPS = ("conv", "bn", "memory", "models", "traffic")
+OPS = ("conv", "bn", "overhead", "memory", "models", "traffic")
 
 
 def default_backends(op: str, device: torch.device) -> list[str]:
@@ -45,10 +46,13 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="which comparisons to run")
     parser.add_argument("--quick", action="store_true",
-                        help="a few shapes at a quarter of the resolution, batch 2: a minute or so on a CPU")
+                        help="a few op shapes at batch 2 (a quarter of the resolution on a GPU), and the models without "
+                             "torch.compile: about three minutes on a 2-core CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on a GPU, float32 on a CPU")
-    parser.add_argument("--batch", type=int, help="default: 256 on a GPU, 8 on a CPU (2 with --quick)")
+    parser.add_argument("--dtype", nargs="+", choices=DTYPES,
+                        help="default: bfloat16 on a GPU; on a CPU float32, and bfloat16 too without --quick")
+    parser.add_argument("--batch", type=int, help="default: 256 on a GPU, 8 on a CPU (2 with --quick, except "
+                                                  "the models on a CPU)")
     parser.add_argument("--shapes", nargs="+", metavar="NAME",
                         help="ResNet-50/18 conv shapes by name (see resnet_fused/shapes.py) for the conv comparison "
                              "(default: all of them)")
@@ -60,10 +64,12 @@ def parse_args(argv=None):
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="model level: also time each eager and fused model replayed from a CUDA graph")
     parser.add_argument("--image-size", type=int,
-                        help="model-level input size (default 224; 64 with --quick)")
+                        help="model-level input size (default 224; 64 with --quick on a GPU); on a CPU the training "
+                             "step runs at half of it")
     parser.add_argument("--compile", nargs="*", metavar="MODE", dest="compile_modes",
                         help="torch.compile modes of the eager chain to compare (default on a GPU: default "
-                             "max-autotune; on a CPU: none). Give no MODE to disable")
+                             "max-autotune; on a CPU: default, for the models only, and none with --quick: compiling "
+                             "a ResNet-50 takes minutes there). Give no MODE to disable")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per case on a CPU")
     parser.add_argument("--out", type=Path, default=Path("bench/out"), help="folder for results.json and results.md")
     return parser.parse_args(argv)
@@ -74,46 +80,58 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.cuda_graphs and device.type != "cuda":
         raise SystemExit("--cuda-graphs needs a CUDA device")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    batch = args.batch or (2 if args.quick else 256 if device.type == "cuda" else 8)
+    cpu = device.type == "cpu"
+    dtype_names = args.dtype or (["bfloat16"] if not cpu else ["float32"] if args.quick else ["float32", "bfloat16"])
+    dtypes = [DTYPES[name] for name in dtype_names]
+    dtype = dtypes[0]
+    batch = args.batch or (2 if args.quick else 8 if cpu else 256)
     names = args.shapes or (QUICK_NAMES if args.quick else [s.name for s in CONV_SHAPES])
     unknown = set(names) - {s.name for s in CONV_SHAPES}
     if unknown:
         raise SystemExit(f"unknown shapes: {', '.join(sorted(unknown))}")
     shapes = [s for s in CONV_SHAPES if s.name in names]
-    compile_modes = args.compile_modes if args.compile_modes is not None else (
-        ["default", "max-autotune"] if device.type == "cuda" else [])
+    default_compile = ["default", "max-autotune"] if not cpu else [] if args.quick else ["default"]
+    compile_modes = args.compile_modes if args.compile_modes is not None else default_compile
+    # On a CPU, torch.compile of single ops is not what a user compares (and costs minutes): the models only.
+    op_compile_modes = compile_modes if args.compile_modes is not None or not cpu else []
     env = report.environment(device)
     env["ceilings"] = measure_ceilings(device, dtype, args.quick)
-    print(f"{env['device']} | torch {env['torch']} | {str(dtype)[6:]} | batch {batch} | "
+    print(f"{env['device']} | torch {env['torch']} | {', '.join(dtype_names)} | batch {batch} | "
           f"compile: {', '.join(compile_modes) or 'none'}")
     print(f"ceilings: {env['ceilings']['copy_gbps']:.0f} GB/s ({env['ceilings']['copy_what']}), "
           f"{env['ceilings']['matmul_tflops']:.1f} TFLOP/s ({env['ceilings']['matmul_what']})")
 
     # (op, shape name, function returning its rows)
     jobs = []
-    if "conv" in args.ops:
-        backends = args.backends or default_backends("conv_bn_act", device)
-        for shape in shapes:
-            size = shape.size // 4 if args.quick else shape.size
-            jobs.append((shape.name, lambda shape=shape, size=size: conv.run_shape(
-                shape, batch, size, dtype, device, backends, args.min_run_time, compile_modes)))
-    if "bn" in args.ops:
-        backends = args.backends or default_backends("bn_act", device)
-        bn_shapes = bn.resnet50_bn_shapes()
-        if args.quick:
-            bn_shapes = [(n, c, s // 4, r, a) for n, c, s, r, a in bn_shapes if n in QUICK_BN_NAMES]
-        for shape in bn_shapes:
-            jobs.append((shape[0], lambda shape=shape: bn.run_shape(
-                shape, batch, dtype, device, backends, args.min_run_time, compile_modes)))
-
-    if "models" in args.ops:
-        depths = args.models or (["resnet50"] if device.type == "cuda" else ["resnet18"])
-        image_size = args.image_size or (64 if args.quick else 224)
-        for depth in depths:
-            jobs.append((depth, lambda depth=depth: models.run_model(
-                depth, batch, image_size, dtype, device, compile_modes, args.min_run_time,
-                backends=args.backends or [None], cuda_graphs=args.cuda_graphs)))
+    for dtype in dtypes:
+        label = f" {str(dtype)[6:]}" if len(dtypes) > 1 else ""
+        if "conv" in args.ops:
+            backends = args.backends or default_backends("conv_bn_act", device)
+            for shape in shapes:
+                size = shape.size // 4 if args.quick and not cpu else shape.size  # CPU: overhead-bound below
+                jobs.append((shape.name + label, lambda shape=shape, size=size, dtype=dtype: conv.run_shape(
+                    shape, batch, size, dtype, device, backends, args.min_run_time, op_compile_modes)))
+        if "bn" in args.ops:
+            backends = args.backends or default_backends("bn_act", device)
+            bn_shapes = bn.resnet50_bn_shapes()
+            if args.quick:
+                bn_shapes = [(n, c, s if cpu else s // 4, r, a) for n, c, s, r, a in bn_shapes if n in QUICK_BN_NAMES]
+            for shape in bn_shapes:
+                jobs.append((shape[0] + label, lambda shape=shape, dtype=dtype: bn.run_shape(
+                    shape, batch, dtype, device, backends, args.min_run_time, op_compile_modes)))
+        if "overhead" in args.ops:
+            jobs.append(("overhead" + label, lambda dtype=dtype: overhead.run(dtype, device, args.min_run_time)))
+        if "models" in args.ops:
+            # On a CPU: ResNet-50 inference at batch 8, 224 px, and its training step at 112 px, what a CPU user
+            # would run; on a GPU, --quick shrinks them.
+            depths = args.models or ["resnet50"]
+            image_size = args.image_size or (64 if args.quick and not cpu else 224)
+            model_batch = args.batch or (8 if cpu else 2 if args.quick else 256)
+            for depth in depths:
+                jobs.append((depth + label, lambda depth=depth, dtype=dtype: models.run_model(
+                    depth, model_batch, image_size, dtype, device, compile_modes, args.min_run_time,
+                    backends=args.backends or [None], cuda_graphs=args.cuda_graphs,
+                    train_size=image_size // 2 if cpu else None)))
 
     rows = []
     for name, job in tqdm(jobs, desc="shapes", disable=len(jobs) < 2):

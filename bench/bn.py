@@ -8,7 +8,7 @@ from resnet_fused import reference
 from resnet_fused.shapes import RESNET50_CONVS
 from resnet_fused.testing import parity
 
-from .timing import measure
+from .timing import measure_side_by_side
 
 
 def resnet50_bn_shapes() -> list[tuple[str, int, int, bool, bool]]:
@@ -85,15 +85,17 @@ def run_shape(shape, batch: int, dtype, device, backends: list[str], min_run_tim
             torch._dynamo.reset()
             candidates.append((f"compile:{compile_mode}", torch.compile(problem.eager, mode=compile_mode)))
         candidates += [(f"fused:{b}", problem.fused(b)) for b in backends]
+        mode_rows, steps = {}, {}
         for provider, fn in candidates:
-            row = {"op": f"bn_act.{mode}", "shape": name, "provider": provider, "batch": batch, "channels": channels,
-                   "size": size, "residual": residual, "relu": relu, "dtype": str(dtype)[6:], "bytes": total_bytes,
-                   "throughput_unit": "GB/s"}
+            row = mode_rows[provider] = {
+                "op": f"bn_act.{mode}", "shape": name, "provider": provider, "batch": batch, "channels": channels,
+                "size": size, "residual": residual, "relu": relu, "dtype": str(dtype)[6:], "bytes": total_bytes,
+                "throughput_unit": "GB/s"}
             if provider != "eager":
                 checks = [parity(a, t, o) for a, t, o in zip(results(fn, problem.args()), same_dtype, oracle)]
                 row["parity"] = "; ".join(map(str, checks))
                 if not all(c.ok for c in checks):
-                    rows.append({**row, "status": "wrong"})
+                    row["status"] = "wrong"
                     continue
             args = problem.args()
             if mode == "forward":
@@ -103,6 +105,8 @@ def run_shape(shape, batch: int, dtype, device, backends: list[str], min_run_tim
             else:
                 def step(fn=fn, args=args):
                     torch.autograd.grad(fn(*args), problem.inputs, problem.grad_out)
-            timing = measure(step, device, min_run_time)
-            rows.append({**row, "status": "ok", **timing, "throughput": total_bytes / timing["median_ms"] / 1e6})
+            steps[provider] = step
+        for provider, timing in measure_side_by_side(steps, device, min_run_time).items():
+            mode_rows[provider].update(status="ok", **timing, throughput=total_bytes / timing["median_ms"] / 1e6)
+        rows += mode_rows.values()
     return rows

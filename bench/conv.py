@@ -7,7 +7,7 @@ from resnet_fused import reference
 from resnet_fused.shapes import ConvShape
 from resnet_fused.testing import parity
 
-from .timing import measure
+from .timing import measure_side_by_side
 
 
 class ConvProblem:
@@ -94,18 +94,19 @@ def run_shape(shape: ConvShape, batch: int, size: int, dtype: torch.dtype, devic
             if kernels["fused:cuda"] == "cutlass_sm90":  # the hand-written fallback, side by side
                 candidates.append(("fused:cuda[mma_sm80]", problem.fused_cuda_with("mma_sm80")))
                 kernels["fused:cuda[mma_sm80]"] = "mma_sm80"
-        rows = []
+        rows, timed = {}, {}
         for provider, fn in candidates:
             row = {**common, "provider": provider, "throughput_unit": "TFLOP/s"}
             if provider in kernels:
                 row["kernel"] = kernels[provider]
+            rows[provider] = row
             if provider.startswith(CHECKED_PREFIXES):
                 check = parity(fn(), eager_out, oracle)
                 row["parity"] = str(check)
                 if not check.ok:
-                    rows.append({**row, "status": "wrong"})
+                    row["status"] = "wrong"
                     continue
-            timing = measure(fn, device, min_run_time)
-            rows.append({**row, "status": "ok", **timing, "throughput": flops / timing["median_ms"] / 1e9,
-                         "throughput_unit": "TFLOP/s"})
-    return rows
+            timed[provider] = fn
+        for provider, timing in measure_side_by_side(timed, device, min_run_time).items():
+            rows[provider].update(status="ok", **timing, throughput=flops / timing["median_ms"] / 1e9)
+    return list(rows.values())

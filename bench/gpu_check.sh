@@ -9,7 +9,8 @@
 # 3.12) can travel, which saves the minutes a build would take there: after `pip install
 # --no-build-isolation -e .` here,
 #   run(command="bash bench/gpu_check.sh", carry=["resnet_fused/_C.abi3.so", "resnet_fused/_C_cuda.abi3.so",
-#       "resnet_fused/_build_config.json"], timeout_s=590)
+#       "resnet_fused/_C_cpu_default.abi3.so", "resnet_fused/_C_cpu_avx2.abi3.so",
+#       "resnet_fused/_C_cpu_avx512.abi3.so", "resnet_fused/_build_config.json"], timeout_s=590)
 # They are used only when _build_config.json's source digest matches the checkout's csrc/. Otherwise the
 # script builds there, which needs the CUTLASS headers (no package registry there): here,
 #   echo /.whl/ >> .git/info/exclude && pip download --no-deps -d .whl nvidia-cutlass==4.2.0.0

@@ -9,7 +9,7 @@ import resnet_fused as rf
 from resnet_fused.backends import resolve_backend
 from resnet_fused.testing import parity
 
-from .timing import measure
+from .timing import measure_side_by_side
 
 DEPTHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -60,9 +60,12 @@ def cuda_graphed(fn):
 
 
 def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: list[str], min_run_time: float,
-              backends=(None,), cuda_graphs: bool = False):
-    """Yields one row per (op, provider) as it is measured; one fused model per entry of `backends` (None:
-    the ops' default backend)."""
+              backends=(None,), cuda_graphs: bool = False, train_size: int | None = None):
+    """Yields the rows of each comparison (inference, batch-1 latency, training step) once its providers are
+    measured side by side; one fused model per entry of `backends` (None: the ops' default backend). Inference
+    runs on `size` px images, the training step on `train_size` px (default: the same). torch.compile of the
+    inference model freezes the weights (Inductor folds the BN into the convs and prepacks them, as a deployment
+    would) on a CPU, and with max-autotune on a GPU."""
     import torchvision
 
     torch.manual_seed(0)
@@ -87,13 +90,13 @@ def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: l
     candidates = [("eager", eager)]
     for mode in compile_modes:
         torch._dynamo.reset()
-        if mode == "max-autotune" and device.type == "cuda":
-            torch._inductor.config.freezing = True  # folds BN into the convs, as a deployment would
+        if mode == "max-autotune" or device.type == "cpu":
+            torch._inductor.config.freezing = True  # read when the model compiles, at its first call below
         candidates.append((f"compile:{mode}", torch.compile(eager, mode=mode)))
     candidates += list(fused.items())
     for op, x in (("model.inference", images), ("model.latency", images[:1].clone())):
         reference_out = eager_out if op == "model.inference" else eager_out[:1]
-        graphed = {}
+        graphed, rows, timed = {}, {}, {}
         for provider, model in candidates + [(f"{p}+graph", m) for p, m in candidates if cuda_graphs]:
             row = {"op": op, "shape": f"{depth} {size}x{size}", "provider": provider, "batch": x.shape[0],
                    "dtype": str(dtype)[6:], "throughput_unit": "img/s"}
@@ -106,19 +109,26 @@ def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: l
                 if provider.removesuffix("+graph") not in graphed:
                     continue  # its plain run was wrong
                 infer = cuda_graphed(infer)
+            rows[provider] = row
             if provider != "eager":
                 check = parity(infer().float(), reference_out.float(), oracle[: x.shape[0]])
                 row["parity"] = str(check)
                 if not check.ok:
-                    yield {**row, "status": "wrong"}
+                    row["status"] = "wrong"
                     continue
             graphed[provider] = True
-            timing = measure(infer, device, min_run_time)
-            yield {**row, "status": "ok", **timing, "throughput": x.shape[0] / timing["median_ms"] * 1e3,
-                   "peak_bytes": _peak_bytes(infer, device)}
+            timed[provider] = infer
+        for provider, timing in measure_side_by_side(timed, device, min_run_time).items():
+            rows[provider].update(status="ok", **timing, throughput=x.shape[0] / timing["median_ms"] * 1e3,
+                                  peak_bytes=_peak_bytes(timed[provider], device))
+        yield from rows.values()
     torch._inductor.config.freezing = False
 
     # Training step: forward, loss, backward, SGD step, from the same weights for each provider.
+    if train_size is not None and train_size != size:
+        images = torch.randn(batch, 3, train_size, train_size, device=device).contiguous(
+            memory_format=torch.channels_last)
+        size = train_size
     start_state = copy.deepcopy(eager.state_dict())
     eager_train_logits = _train_logits(eager, images, device, dtype)
     oracle_train_logits = _train_logits(oracle_model, images.double(), device, torch.float32).double()
@@ -133,6 +143,7 @@ def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: l
     train_candidates += list(fused.items()) + list(low_memory.items())
     if cuda_graphs:
         train_candidates += [(f"{p}+graph", m) for p, m in train_candidates if not p.startswith("compile")]
+    rows, steps = {}, {}
     for provider, model in train_candidates:
         if model is None:
             torch._dynamo.reset()
@@ -150,8 +161,8 @@ def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: l
             optimizer.step()
             return loss
 
-        row = {"op": "model.train_step", "shape": f"{depth} {size}x{size}", "provider": provider, "batch": batch,
-               "dtype": str(dtype)[6:], "throughput_unit": "img/s"}
+        row = rows[provider] = {"op": "model.train_step", "shape": f"{depth} {size}x{size}", "provider": provider,
+                                "batch": batch, "dtype": str(dtype)[6:], "throughput_unit": "img/s"}
         if provider != "eager":
             # Train-mode logits (batch statistics) from the starting weights, against eager and float64.
             check = parity(_train_logits(model, images, device, dtype, grad=not provider.startswith("compile")),
@@ -159,11 +170,13 @@ def run_model(depth: str, batch: int, size: int, dtype, device, compile_modes: l
             base.load_state_dict(start_state)
             row["parity"] = str(check)
             if not check.ok:
-                yield {**row, "status": "wrong"}
+                row["status"] = "wrong"
                 continue
         row["first_loss"] = float(step())
         if provider.endswith("+graph"):
             step = cuda_graphed(step)  # the step on the static images and labels, replayed
-        timing = measure(step, device, min_run_time)
-        yield {**row, "status": "ok", **timing, "throughput": batch / timing["median_ms"] * 1e3,
-               "peak_bytes": _peak_bytes(step, device)}
+        steps[provider] = step
+    for provider, timing in measure_side_by_side(steps, device, min_run_time).items():
+        rows[provider].update(status="ok", **timing, throughput=batch / timing["median_ms"] * 1e3,
+                              peak_bytes=_peak_bytes(steps[provider], device))
+    yield from rows.values()

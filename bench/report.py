@@ -48,35 +48,36 @@ def environment(device: torch.device) -> dict:
     }
 
 
-# Providers that others are compared against, when a group has them.
-BASELINES = ("eager", "conv_alone")
+from .timing import BASELINES
 
 
 def speedups(rows: list[dict]) -> list[dict]:
     """Per (op, shape) and candidate provider: the speedup over each baseline measured beside it."""
-    groups: dict[tuple[str, str], dict[str, dict]] = {}
+    groups: dict[tuple[str, str, str], dict[str, dict]] = {}
     for row in rows:
-        groups.setdefault((row["op"], row["shape"]), {})[row["provider"]] = row
+        groups.setdefault((row["op"], row["shape"], row["dtype"]), {})[row["provider"]] = row
     result = []
-    for (op, shape), providers in groups.items():
+    for (op, shape, dtype), providers in groups.items():
         for provider, row in providers.items():
             if provider in BASELINES:
                 continue
-            entry = {"op": op, "shape": shape, "provider": provider, "status": row["status"]}
+            entry = {"op": op, "shape": shape, "dtype": dtype, "provider": provider, "status": row["status"]}
             if row["status"] == "ok":
                 for baseline in BASELINES:
                     if providers.get(baseline, {}).get("status") == "ok":
-                        entry[f"vs_{baseline}"] = providers[baseline]["median_ms"] / row["median_ms"]
+                        # the median of the interleaved rounds' ratios where the run measured it
+                        entry[f"vs_{baseline}"] = row.get(
+                            f"vs_{baseline}", providers[baseline]["median_ms"] / row["median_ms"])
             result.append(entry)
     return result
 
 
 def geometric_means(entries: list[dict]) -> list[dict]:
-    """Per (op, provider): the geometric mean of each speedup over the shapes."""
+    """Per (op, dtype, provider): the geometric mean of each speedup over the shapes."""
     means = []
-    for op, provider in sorted({(e["op"], e["provider"]) for e in entries}):
-        ok = [e for e in entries if e["op"] == op and e["provider"] == provider and e["status"] == "ok"]
-        entry = {"op": op, "provider": provider, "shapes": len(ok)}
+    for op, dtype, provider in sorted({(e["op"], e["dtype"], e["provider"]) for e in entries}):
+        ok = [e for e in entries if (e["op"], e["dtype"], e["provider"]) == (op, dtype, provider) and e["status"] == "ok"]
+        entry = {"op": op, "dtype": dtype, "provider": provider, "shapes": len(ok)}
         for key in (f"vs_{b}" for b in BASELINES):
             values = [e[key] for e in ok if key in e]
             if values:
@@ -111,7 +112,7 @@ def memory_markdown(memory_rows: list[dict]) -> list[str]:
 
 def markdown(env: dict, rows: list[dict], memory_rows: list[dict] = ()) -> str:
     entries = speedups(rows)
-    speed = {(e["op"], e["shape"], e["provider"]): e for e in entries}
+    speed = {(e["op"], e["shape"], e["dtype"], e["provider"]): e for e in entries}
     lines = [
         f"# resnet-fused benchmark on {env['device']}",
         "",
@@ -126,22 +127,25 @@ def markdown(env: dict, rows: list[dict], memory_rows: list[dict] = ()) -> str:
         unit = op_rows[0]["throughput_unit"]
         ceiling = ceiling_for(env, unit)
         fraction_header = f"of {ceiling[1]}" if ceiling else "of a ceiling"
-        lines += ["", f"## {op}", "", f"| shape | provider | median ms | {unit} | {fraction_header} | vs eager | vs conv alone |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", f"## {op}", "",
+                  f"| shape | dtype | provider | median ms | {unit} | {fraction_header} | vs eager | vs conv alone |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for row in op_rows:
             # the CUDA kernel the row ran, where the backend picks among several
             provider = f"{row['provider']} ({row['kernel']})" if "kernel" in row else row["provider"]
             if row["status"] != "ok":
-                lines.append(f"| {row['shape']} | {provider} | wrong result, not timed | | | | |")
+                lines.append(f"| {row['shape']} | {row['dtype']} | {provider} | wrong result, not timed | | | | |")
                 continue
-            e = speed.get((op, row["shape"], row["provider"]), {})
+            e = speed.get((op, row["shape"], row["dtype"], row["provider"]), {})
             fraction = f"{row['throughput'] / ceiling[0]:.0%}" if ceiling else ""
-            lines.append(f"| {row['shape']} | {provider} | {row['median_ms']:.3f} | {row['throughput']:.2f} | "
-                         f"{fraction} | {_ratio(e, 'vs_eager')} | {_ratio(e, 'vs_conv_alone')} |")
-    lines += ["", "Geometric mean over the shapes:", "", "| op | provider | vs eager | vs conv alone |",
-              "| --- | --- | ---: | ---: |"]
+            lines.append(f"| {row['shape']} | {row['dtype']} | {provider} | {row['median_ms']:.3f} | "
+                         f"{row['throughput']:.2f} | {fraction} | {_ratio(e, 'vs_eager')} | {_ratio(e, 'vs_conv_alone')} |")
+    lines += ["", "Ratios: on a CPU, the median of the per-round ratios of providers timed side by side, round after "
+              "round; on a GPU, the ratio of do_bench medians.", "",
+              "Geometric mean over the shapes:", "", "| op | dtype | provider | vs eager | vs conv alone |",
+              "| --- | --- | --- | ---: | ---: |"]
     for mean in geometric_means(entries):
-        lines.append(f"| {mean['op']} | {mean['provider']} | {_ratio(mean, 'vs_eager')} | "
+        lines.append(f"| {mean['op']} | {mean['dtype']} | {mean['provider']} | {_ratio(mean, 'vs_eager')} | "
                      f"{_ratio(mean, 'vs_conv_alone')} |")
     peaks = [row for row in rows if row.get("peak_bytes")]
     if peaks:

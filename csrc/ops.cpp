@@ -18,10 +18,11 @@ TORCH_LIBRARY(resnet_fused, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradient of bn_act. `out` supplies the ReLU mask (out > 0), so the pre-activation is never
   // saved. Returns (grad_x, grad_weight, grad_bias, grad_pre_act); grad_pre_act is also the
-  // residual's gradient.
+  // residual's gradient. need_grad_pre=false returns it empty (shape [0]): a kernel may then compute grad_x
+  // in the buffer that held the masked gradient, one activation-sized allocation less.
   m.def(
       "bn_act_backward(Tensor grad_out, Tensor out, Tensor x, Tensor weight, Tensor save_mean, "
-      "Tensor save_invstd, bool training, bool relu) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor save_invstd, bool training, bool relu, bool need_grad_pre=True) -> (Tensor, Tensor, Tensor, Tensor)");
   // out = act(x + residual)
   m.def("add_act(Tensor x, Tensor residual, bool relu) -> Tensor");
   // y = conv2d(z, weight), z = act(x * scale[c] + shift[c]) (z = x without scale/shift; padded

@@ -50,18 +50,38 @@ def _load(name: str) -> None:
     _STATUS[name] = "loaded"
 
 
+def cpu_isa() -> str:
+    """The instruction set whose CPU kernel library suits this machine: torch's own choice for its CPU
+    kernels (torch.backends.cpu.get_cpu_capability(), which the ATEN_CPU_CAPABILITY variable overrides),
+    among the libraries that were built."""
+    wanted = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "default")
+    built = _BUILD_CONFIG.get("cpu_isas", ["default"])
+    for isa in ("avx512", "avx2", "default")[("avx512", "avx2", "default").index(wanted):]:
+        if isa in built:
+            return isa
+    return "default"
+
+
+# The CPU kernels: one library per instruction set (setup.py), loaded under the name "_C_cpu".
+_CPU_LIBRARY = f"_C_cpu_{cpu_isa()}"
+
 _load("_C")
-if _BUILD_CONFIG.get("cuda_compiled"):
-    if _STATUS["_C"] == "loaded":
-        _load("_C_cuda")
+for _name, _compiled, _skip in (("_C_cpu", True, None),
+                                ("_C_cuda", _BUILD_CONFIG.get("cuda_compiled"), _BUILD_CONFIG.get("cuda_skip_reason"))):
+    if not _compiled:
+        _STATUS[_name] = f"not built: {_skip or 'no build record'}"
+    elif _STATUS["_C"] != "loaded":
+        _STATUS[_name] = "not loaded: the op schemas in _C are unavailable"
+    elif _name == "_C_cpu":
+        _load(_CPU_LIBRARY)
+        _STATUS["_C_cpu"] = _STATUS.pop(_CPU_LIBRARY)
     else:
-        _STATUS["_C_cuda"] = "not loaded: the op schemas in _C are unavailable"
-else:
-    _STATUS["_C_cuda"] = f"not built: {_BUILD_CONFIG.get('cuda_skip_reason') or 'no build record'}"
+        _load(_name)
 
 
 def library_loaded(name: str) -> bool:
-    """Whether the compiled library `_C` (schemas + CPU kernels) or `_C_cuda` is loaded."""
+    """Whether the compiled library `_C` (the op schemas), `_C_cpu` (the CPU kernels, for this machine's
+    instruction set) or `_C_cuda` is loaded."""
     return _STATUS.get(name) == "loaded"
 
 
@@ -80,7 +100,8 @@ def build_info() -> dict:
     from .backends import triton_interpret
 
     return {
-        "cpu_compiled": library_loaded("_C"),
+        "cpu_compiled": library_loaded("_C_cpu"),
+        "cpu_isa": cpu_isa() if library_loaded("_C_cpu") else None,  # the CPU kernels' instruction set
         "cuda_compiled": library_loaded("_C_cuda"),
         "cuda_archs": _BUILD_CONFIG.get("cuda_archs", []),
         # the CUTLASS Hopper conv kernels (csrc/cuda/conv/sm90/), part of _C_cuda when compiled

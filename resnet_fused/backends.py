@@ -44,7 +44,7 @@ def _unavailable_reason(name: str) -> str | None:
     if name == "reference":
         return None
     if name == "cpu":
-        return None if library_loaded("_C") else f"the C++ library: {library_status('_C')}"
+        return None if library_loaded("_C_cpu") else f"the C++ CPU library: {library_status('_C_cpu')}"
     if name == "cuda":
         if not library_loaded("_C_cuda"):
             return f"the CUDA library: {library_status('_C_cuda')}"

@@ -97,6 +97,26 @@ def test_opcheck(case, memory_format, training, requires_grad, dtype, device):
     )
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
+@pytest.mark.parametrize("case", BN_CASES[:3], ids=CASE_IDS[:3])
+def test_backward_without_grad_pre(case, memory_format, training, device):
+    """need_grad_pre=False: grad_pre comes back empty, and grad_x (computed in place over the masked gradient on
+    the CPU) is bit for bit the one computed beside a grad_pre."""
+    if "cpu" not in backends_for("bn_act", "cpu"):
+        pytest.skip("the C++ library is not loaded")
+    x, weight, bias, running_mean, running_var, residual = bn_sample(case, torch.float32, device, memory_format)
+    args = (x, weight, bias, residual, running_mean, running_var, training, 0.1, 1e-5, case.relu)
+    out, save_mean, save_invstd, _, _ = torch.ops.resnet_fused.bn_act(*args)
+    backward_args = (torch.randn_like(out), out, x, weight, save_mean, save_invstd, training, case.relu)
+    with_pre = torch.ops.resnet_fused.bn_act_backward(*backward_args)
+    without_pre = torch.ops.resnet_fused.bn_act_backward(*backward_args, need_grad_pre=False)
+    assert without_pre[3].shape == (0,)
+    for got, want in zip(without_pre[:3], with_pre[:3]):
+        assert torch.equal(got, want) and got.stride() == want.stride()
+    torch.library.opcheck(torch.ops.resnet_fused.bn_act_backward.default, (*backward_args, False))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_fullgraph_updates_running_stats(backend, device):
     skip_unless_runs("bn_act", backend, device, torch.float32)

@@ -177,3 +177,31 @@ def test_unavailable_backend_is_named():
     if "cpu" in rf.available_backends():
         with pytest.raises(RuntimeError, match="backend 'cpu' runs on CPU tensors, but the inputs are on meta"):
             rf.conv_bn_act(*(t.to("meta") for t in (x, weight, bias, residual)), **kwargs, backend="cpu")
+
+
+@pytest.mark.skipif("cpu" not in backends_for("conv_bn_act", "cpu") or not torch.backends.mkldnn.is_available(),
+                    reason="needs the CPU backend and oneDNN")
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if (c.residual or c.bias) and c.n > 0], ids=lambda c: c.name)
+def test_prepacked_weight(case):
+    """A weight prepacked for oneDNN (mkldnn._reorder_convolution_weight) gives the plain weight's result; where
+    oneDNN cannot run the conv, the op says so rather than guess."""
+    args, kwargs = conv_sample(case, torch.float32, "cpu", "nhwc")
+    x, weight, *rest = args
+    padding = kwargs.get("padding", 0)
+    if isinstance(padding, str):
+        pytest.skip("prepacking takes numeric padding")
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    packed = torch.ops.mkldnn._reorder_convolution_weight(weight, pair(padding), pair(kwargs.get("stride", 1)),
+                                                          pair(kwargs.get("dilation", 1)), kwargs.get("groups", 1),
+                                                          list(x.shape))
+    want = rf.conv_bn_act(x, weight, *rest, **kwargs, backend="cpu")
+    got = rf.conv_bn_act(x, packed, *rest, **kwargs, backend="cpu")
+    torch.testing.assert_close(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    nchw = rf.conv_bn_act(x.contiguous(), packed, *[None if t is None else t.contiguous() for t in rest], **kwargs,
+                          backend="cpu")
+    torch.testing.assert_close(nchw, want)
+    assert nchw.is_contiguous()
+    with pytest.raises(RuntimeError, match="a prepacked \\(MKLDNN\\) weight needs a convolution oneDNN runs"):
+        rf.conv_bn_act(x[:0], packed, *[None if t is None or t.dim() == 1 else t[:0] for t in rest], **kwargs,
+                       backend="cpu")

@@ -352,6 +352,74 @@ def test_fold_cached_in_inference_mode_is_usable_with_grad():
     assert_close64(xg.grad, xr.grad, "input gradient")
 
 
+# The CPU backend keeps the folded weights prepacked for oneDNN beside them (channels_last float32 here).
+needs_onednn = pytest.mark.skipif("cpu" not in BLOCK_BACKENDS or not torch.backends.mkldnn.is_available(),
+                                  reason="needs the CPU backend and oneDNN")
+
+
+def _packed_eval_block():
+    fused, reference = make_block_pair("bottleneck", False, "cpu", dtype=torch.float32)
+    fused, reference = (m.eval().to(memory_format=torch.channels_last) for m in (fused, reference))
+    # large enough that every conv's output reaches the size above which oneDNN (and packing) is used
+    return fused, reference, torch.randn(8, 8, 48, 48).to(memory_format=torch.channels_last)
+
+
+def _packed_weights(fused):
+    """key -> (input shape, packed weight) of the entries holding a packed weight."""
+    return {key: (entry[2][0][0], entry[2][1]) for key, entry in fused._fold_cache.items()
+            if len(entry) == 3 and entry[2][1] is not None}
+
+
+def _check_packed(fused, reference, x, what):
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), reference(x), rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: {m}")
+    packed = _packed_weights(fused)
+    assert len(packed) == 4, what  # conv1..3 and the downsample
+    assert all(weight.layout == torch._mkldnn for _, weight in packed.values()), what
+    # packed for the shape of each conv's input: the block's own for conv1 and the downsample
+    assert packed[("conv1", x.dtype)][0] == packed[("downsample", x.dtype)][0] == tuple(x.shape), what
+
+
+@needs_onednn
+def test_prepacked_weights_follow_the_weights_and_the_input_shape():
+    fused, reference, x = _packed_eval_block()
+    _check_packed(fused, reference, x, "first call")
+    first = {key: weight for key, (_, weight) in _packed_weights(fused).items()}
+    _check_packed(fused, reference, x, "second call")
+    assert all(_packed_weights(fused)[key][1] is weight for key, weight in first.items())  # reused
+    _check_packed(fused, reference, torch.randn(9, 8, 50, 50).to(memory_format=torch.channels_last), "new shape")
+
+    for model in (fused, reference):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.train()(x).mean().backward()
+        optimizer.step()  # and the BN running statistics moved in training
+        model.eval()
+    _check_packed(fused, reference, x, "after an optimizer step")
+
+    other = randomize_bn(copy.deepcopy(reference))
+    for model in (fused, reference):
+        model.load_state_dict(other.state_dict())
+    _check_packed(fused, reference, x, "after load_state_dict")
+
+    fused.float()  # .to() and friends clear the cache
+    assert not fused._fold_cache
+    _check_packed(fused, reference, x, "after .float()")
+
+
+@needs_onednn
+def test_prepacked_weights_not_used_where_onednn_does_not_run():
+    fused, reference, x = _packed_eval_block()
+    fused.requires_grad_(False)  # the fold is cached, and x asks for a gradient: plain weights for the backward
+    x_grad = x.clone().requires_grad_()
+    fused(x_grad).sum().backward()
+    assert x_grad.grad is not None and not _packed_weights(fused)
+    with torch.no_grad():
+        fused(x.contiguous())  # NCHW
+        fused(x.double())  # float64: oneDNN does not take it
+        fused(x[:1, :, :8, :8])  # outputs too small to be worth oneDNN's per-call cost
+    assert not _packed_weights(fused)
+
+
 def test_pickle_and_deepcopy_drop_the_cache(tmp_path):
     fused, reference, x = _eval_block()
     with torch.no_grad():

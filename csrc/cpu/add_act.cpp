@@ -1,7 +1,6 @@
-// add_act on the CPU: out = act(x + residual) in one pass, in the accumulation type.
+// add_act on the CPU: out = act(x + residual) in one vectorized pass, in the accumulation type.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
 
 #include "kernels.h"
@@ -17,18 +16,16 @@ at::Tensor add_act(const at::Tensor& x_in, const at::Tensor& residual, bool relu
   const auto format = x_in.dim() == 4 ? output_memory_format(x_in) : at::MemoryFormat::Contiguous;
   const at::Tensor x = x_in.contiguous(format), r = residual.contiguous(format);
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Preserve);
+  // Elementwise: the whole tensor as one plane of one channel.
+  const ChannelView flat{1, 1, x.numel(), x.numel(), x.numel(), 1};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_act_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* rp = r.const_data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, x.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        opmath_t v = static_cast<opmath_t>(xp[i]) + static_cast<opmath_t>(rp[i]);
-        if (relu && v < opmath_t(0)) v = opmath_t(0);  // NaN passes, as in torch.relu
-        op[i] = static_cast<scalar_t>(v);
-      }
-    });
+    using Acc = Vectorized<at::opmath_type<scalar_t>>;
+    map_per_channel<scalar_t, 2, 1, 0>(
+        flat, {x.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>()}, {out.data_ptr<scalar_t>()}, {},
+        [relu](const auto& in, const auto&) {
+          const Acc v = in[0] + in[1];
+          return std::array<Acc, 1>{relu ? at::vec::maximum(v, Acc(0)) : v};  // NaN passes, as in torch.relu
+        });
   });
   return out;
 }

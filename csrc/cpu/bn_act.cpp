@@ -1,12 +1,13 @@
-// bn_act and its backward on the CPU. Statistics are two-pass sums in double (mean, then squared
-// deviations), so they stay accurate for any N*H*W; elementwise math runs in the accumulation type.
+// bn_act and its backward on the CPU, vectorized (loops.h). The forward reads x once for the statistics
+// (per-chunk moments merged with Chan's formula, in double) and once to apply them; the backward makes one
+// reduction pass, which also writes the ReLU-masked gradient, and one apply pass (in place over that gradient
+// when the caller does not need it).
 #include <cmath>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 
 #include "kernels.h"
 #include "loops.h"
@@ -22,6 +23,12 @@ at::Tensor as_opmath(const at::Tensor& t, at::ScalarType opmath) {
 void check_channels(const at::Tensor& t, int64_t channels, const char* name) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, "bn_act: ", name, " must have shape [",
               channels, "], got ", t.sizes());
+}
+
+// max(v, 0) that lets NaN through, as torch.relu does.
+template <typename Acc>
+Acc relu_of(const Acc& v) {
+  return at::vec::maximum(v, Acc(0));
 }
 
 }  // namespace
@@ -51,73 +58,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act(
 
   const auto opmath = at::toOpMathType(x.scalar_type());
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Preserve);
-  at::Tensor save_mean = training ? at::zeros({channels}, x.options().dtype(opmath))
-                                  : as_opmath(running_mean, opmath).clone();
+  at::Tensor save_mean = at::empty({channels}, x.options().dtype(opmath));
   at::Tensor save_invstd = at::empty({channels}, x.options().dtype(opmath));
-  at::Tensor new_running_mean = running_mean.clone();
-  at::Tensor new_running_var = running_var.clone();
+  // Running statistics in double, exactly as F.batch_norm updates them (unbiased variance); copies
+  // (copy=true), since for float64 statistics .to() would return the inputs themselves.
+  at::Tensor new_mean = running_mean.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  at::Tensor new_var = running_var.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  const at::Tensor w_t = as_opmath(weight, opmath), b_t = as_opmath(bias, opmath);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
+    using Acc = Vectorized<opmath_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     opmath_t* mean = save_mean.data_ptr<opmath_t>();
     opmath_t* invstd = save_invstd.data_ptr<opmath_t>();
+    double* rm = new_mean.data_ptr<double>();
+    double* rv = new_var.data_ptr<double>();
     if (training && count > 0) {
-      const auto sums = reduce_per_channel<1>(
-          view, [&](int64_t i, int64_t) { return std::array<double, 1>{static_cast<double>(xp[i])}; });
-      std::vector<double> mean_d(channels);
-      for (int64_t c = 0; c < channels; ++c) mean_d[c] = sums[c] / count;
-      const auto squares = reduce_per_channel<1>(view, [&](int64_t i, int64_t c) {
-        const double d = static_cast<double>(xp[i]) - mean_d[c];
-        return std::array<double, 1>{d * d};
-      });
-      // Running statistics exactly as F.batch_norm updates them: unbiased variance.
-      // Copies (copy=true): for float64 statistics .to() would return the inputs themselves.
-      at::Tensor updated_mean = running_mean.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
-      at::Tensor updated_var = running_var.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
-      double* rm = updated_mean.data_ptr<double>();
-      double* rv = updated_var.data_ptr<double>();
+      const Moments moments = moments_per_channel(view, xp);
       for (int64_t c = 0; c < channels; ++c) {
-        const double var = squares[c] / count;
-        mean[c] = static_cast<opmath_t>(mean_d[c]);
-        invstd[c] = static_cast<opmath_t>(1.0 / std::sqrt(var + eps));
-        rm[c] = (1 - momentum) * rm[c] + momentum * mean_d[c];
-        rv[c] = (1 - momentum) * rv[c] + momentum * squares[c] / (count - 1);
+        mean[c] = static_cast<opmath_t>(moments.mean[c]);
+        invstd[c] = static_cast<opmath_t>(1.0 / std::sqrt(moments.m2[c] / count + eps));
+        rm[c] = (1 - momentum) * rm[c] + momentum * moments.mean[c];
+        rv[c] = (1 - momentum) * rv[c] + momentum * moments.m2[c] / (count - 1);
       }
-      new_running_mean.copy_(updated_mean);
-      new_running_var.copy_(updated_var);
     } else if (training) {
       // An empty batch leaves the running statistics unchanged, as in F.batch_norm.
-      save_invstd.zero_();
+      for (int64_t c = 0; c < channels; ++c) mean[c] = invstd[c] = opmath_t(0);
     } else {
-      const at::Tensor var = running_var.to(at::kDouble);
-      for (int64_t c = 0; c < channels; ++c)
-        invstd[c] = static_cast<opmath_t>(1.0 / std::sqrt(var.const_data_ptr<double>()[c] + eps));
+      for (int64_t c = 0; c < channels; ++c) {
+        mean[c] = static_cast<opmath_t>(rm[c]);
+        invstd[c] = static_cast<opmath_t>(1.0 / std::sqrt(rv[c] + eps));
+      }
     }
 
     // out = act(x * scale + shift + residual) with scale = w * invstd, shift = b - mean * scale.
-    const at::Tensor w = as_opmath(weight, opmath), b = as_opmath(bias, opmath);
     std::vector<opmath_t> scale(channels), shift(channels);
+    const opmath_t* w = w_t.const_data_ptr<opmath_t>();
+    const opmath_t* b = b_t.const_data_ptr<opmath_t>();
     for (int64_t c = 0; c < channels; ++c) {
-      scale[c] = w.const_data_ptr<opmath_t>()[c] * invstd[c];
-      shift[c] = b.const_data_ptr<opmath_t>()[c] - mean[c] * scale[c];
+      scale[c] = w[c] * invstd[c];
+      shift[c] = b[c] - mean[c] * scale[c];
     }
     scalar_t* op = out.data_ptr<scalar_t>();
-    const scalar_t* rp = has_residual ? r.const_data_ptr<scalar_t>() : nullptr;
-    for_each_element(view, [&](int64_t i, int64_t c) {
-      opmath_t v = static_cast<opmath_t>(xp[i]) * scale[c] + shift[c];
-      if (rp) v += static_cast<opmath_t>(rp[i]);
-      if (relu && v < opmath_t(0)) v = opmath_t(0);  // NaN passes, as in torch.relu
-      op[i] = static_cast<scalar_t>(v);
-    });
+    const std::array<const opmath_t*, 2> params{scale.data(), shift.data()};
+    if (has_residual) {
+      map_per_channel<scalar_t, 2, 1, 2>(
+          view, {xp, r.const_data_ptr<scalar_t>()}, {op}, params, [&](const auto& in, const auto& p) {
+            const Acc v = at::vec::fmadd(in[0], p[0], p[1]) + in[1];
+            return std::array<Acc, 1>{relu ? relu_of(v) : v};
+          });
+    } else {
+      map_per_channel<scalar_t, 1, 1, 2>(view, {xp}, {op}, params, [&](const auto& in, const auto& p) {
+        const Acc v = at::vec::fmadd(in[0], p[0], p[1]);
+        return std::array<Acc, 1>{relu ? relu_of(v) : v};
+      });
+    }
   });
-  return {out, save_mean, save_invstd, new_running_mean, new_running_var};
+  if (!training || count == 0) {  // the running statistics are returned unchanged
+    new_mean = running_mean.clone();
+    new_var = running_var.clone();
+  }
+  return {out, save_mean, save_invstd, new_mean.to(running_mean.scalar_type()), new_var.to(running_var.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     const at::Tensor& grad_out_in, const at::Tensor& out_in, const at::Tensor& x_in,
     const at::Tensor& weight, const at::Tensor& save_mean, const at::Tensor& save_invstd,
-    bool training, bool relu) {
+    bool training, bool relu, bool need_grad_pre) {
   TORCH_CHECK(x_in.dim() == 4, "bn_act_backward: x must be 4-D, got ", x_in.sizes());
   TORCH_CHECK(grad_out_in.sizes() == x_in.sizes() && out_in.sizes() == x_in.sizes(),
               "bn_act_backward: grad_out and out must have x's shape ", x_in.sizes());
@@ -129,52 +137,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
   const ChannelView view = ChannelView::of(x, format);
   const int64_t count = view.n * view.s;
   const auto opmath = at::toOpMathType(x.scalar_type());
-  const at::Tensor w = as_opmath(weight, opmath);
+  const at::Tensor w_t = as_opmath(weight, opmath);
   const at::Tensor mean_t = save_mean.to(opmath).contiguous();
   const at::Tensor invstd_t = save_invstd.to(opmath).contiguous();
 
-  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Preserve);
+  // Without grad_pre, the masked gradient is written into grad_x's buffer and grad_x computed over it in place.
   at::Tensor grad_pre = at::empty_like(x, at::MemoryFormat::Preserve);
+  at::Tensor grad_x = need_grad_pre ? at::empty_like(x, at::MemoryFormat::Preserve) : grad_pre;
   at::Tensor grad_weight = at::empty({channels}, weight.options().dtype(at::kDouble));
   at::Tensor grad_bias = at::empty({channels}, weight.options().dtype(at::kDouble));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
+    using Acc = Vectorized<opmath_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* yp = out.const_data_ptr<scalar_t>();
     const opmath_t* mean = mean_t.const_data_ptr<opmath_t>();
     const opmath_t* invstd = invstd_t.const_data_ptr<opmath_t>();
-    const opmath_t* wp = w.const_data_ptr<opmath_t>();
-    // The gradient reaching the pre-activation: ReLU passes it where the output is positive.
-    auto masked = [&](int64_t i) -> opmath_t {
-      const opmath_t g = static_cast<opmath_t>(gp[i]);
-      return relu && !(static_cast<opmath_t>(yp[i]) > opmath_t(0)) ? opmath_t(0) : g;
-    };
-    // One pass for both reductions: sum(g) and sum(g * xhat).
-    const auto sums = reduce_per_channel<2>(view, [&](int64_t i, int64_t c) {
-      const double g = masked(i);
-      return std::array<double, 2>{g, g * (static_cast<double>(xp[i]) - mean[c]) * invstd[c]};
-    });
-    std::vector<opmath_t> mean_g(channels), mean_gxhat(channels);
-    for (int64_t c = 0; c < channels; ++c) {
-      const double sum_g = sums[c], sum_gxhat = sums[channels + c];
-      grad_bias.data_ptr<double>()[c] = sum_g;
-      grad_weight.data_ptr<double>()[c] = sum_gxhat;
-      mean_g[c] = training && count > 0 ? static_cast<opmath_t>(sum_g / count) : opmath_t(0);
-      mean_gxhat[c] = training && count > 0 ? static_cast<opmath_t>(sum_gxhat / count) : opmath_t(0);
-    }
-    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    const opmath_t* w = w_t.const_data_ptr<opmath_t>();
     scalar_t* gpp = grad_pre.data_ptr<scalar_t>();
-    for_each_element(view, [&](int64_t i, int64_t c) {
-      const opmath_t g = masked(i);
-      const opmath_t xhat = (static_cast<opmath_t>(xp[i]) - mean[c]) * invstd[c];
-      // Training: the batch statistics depend on x, hence the two mean terms; eval: they are constants.
-      gxp[i] = static_cast<scalar_t>(wp[c] * invstd[c] * (g - mean_g[c] - xhat * mean_gxhat[c]));
-      gpp[i] = static_cast<scalar_t>(g);
-    });
+
+    // Pass 1: g = grad_out where the output is positive (the ReLU's gradient), written out as grad_pre (the
+    // residual's gradient, and what pass 2 reads), with sum(g) and sum(g * (x - mean)).
+    const std::array<const opmath_t*, 1> centre{mean};
+    auto masked_sums = [&](const auto& in, const auto& p) {
+      const Acc g = relu ? Acc::blendv(Acc(0), in[0], in[2] > Acc(0)) : in[0];
+      return std::array<Acc, 3>{g, g * (in[1] - p[0]), g};
+    };
+    const std::vector<double> sums = sum_per_channel<scalar_t, 3, 2, 1, 1>(
+        view, {grad_out.const_data_ptr<scalar_t>(), xp, out.const_data_ptr<scalar_t>()}, {gpp}, centre,
+        masked_sums);
+
+    // Pass 2: grad_x = a * g - a * mean(g) - a * invstd^2 * mean(g * (x - mean)) * (x - mean), a = w * invstd.
+    // In eval the statistics are constants and only the first term remains.
+    std::vector<opmath_t> a(channels), shift(channels), slope(channels);
+    double* gw = grad_weight.data_ptr<double>();
+    double* gb = grad_bias.data_ptr<double>();
+    for (int64_t c = 0; c < channels; ++c) {
+      const double sum_g = sums[c], sum_gx = sums[channels + c], is = invstd[c];
+      gb[c] = sum_g;
+      gw[c] = sum_gx * is;
+      const double a_c = static_cast<double>(w[c]) * is;
+      const bool batch_stats = training && count > 0;
+      a[c] = static_cast<opmath_t>(a_c);
+      shift[c] = batch_stats ? static_cast<opmath_t>(a_c * sum_g / count) : opmath_t(0);
+      slope[c] = batch_stats ? static_cast<opmath_t>(a_c * is * is * sum_gx / count) : opmath_t(0);
+    }
+    const std::array<const opmath_t*, 4> params{a.data(), shift.data(), slope.data(), mean};
+    map_per_channel<scalar_t, 2, 1, 4>(
+        view, {gpp, xp}, {grad_x.data_ptr<scalar_t>()}, params, [](const auto& in, const auto& p) {
+          return std::array<Acc, 1>{in[0] * p[0] - p[1] - p[2] * (in[1] - p[3])};
+        });
   });
-  return {grad_x, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type()), grad_pre};
+  return {grad_x, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type()),
+          need_grad_pre ? grad_pre : at::empty({0}, x.options())};
 }
 
 }  // namespace resnet_fused::cpu

@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& save_mean, const at::Tensor& save_invstd,
-    bool training, bool relu);
+    bool training, bool relu, bool need_grad_pre);
 
 at::Tensor add_act(const at::Tensor& x, const at::Tensor& residual, bool relu);
 

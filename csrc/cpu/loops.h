@@ -1,91 +1,402 @@
-// The two loop shapes every CPU kernel here is made of: an elementwise pass that knows each element's
-// channel, and a per-channel reduction. Both walk memory in its storage order for NCHW and NHWC.
+// The loop shapes every CPU kernel here is made of, vectorized with at::vec: an elementwise map with
+// per-channel parameters, per-channel sums, and per-channel moments (mean and M2). All walk memory in storage
+// order for NCHW (planes of H*W values of one channel) and NHWC (rows of C channels); 16-bit values are
+// widened to float in registers and all math runs in the accumulation type (float, double for double).
+//
+// This header is compiled once per instruction set (setup.py: one library per ISA), so at::vec's
+// Vectorized is 512, 256 or 128 bits wide depending on the library that includes it.
 #pragma once
 
 #include <algorithm>
 #include <array>
 #include <vector>
 
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include "../layout.h"
 
 namespace resnet_fused::cpu {
 
+using at::vec::Vectorized;
+
 // Elements per parallel task: below this, threading costs more than it saves.
 constexpr int64_t kGrainSize = 32768;
 
-// Calls body(offset, channel) once for every element of the view, in parallel.
-template <typename Body>
-void for_each_element(const ChannelView& v, const Body& body) {
+// Loads and stores of scalar_t in units of one Vectorized<scalar_t>, computed as accumulation-type vectors:
+// one Vectorized<float>/<double> for float/double, two Vectorized<float> for bfloat16/half.
+template <typename scalar_t>
+struct VecIO {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Acc = Vectorized<opmath_t>;
+  static constexpr int64_t kWidth = Vectorized<scalar_t>::size();  // elements per load
+  static constexpr int kParts = kWidth / Acc::size();
+  using Pack = std::array<Acc, kParts>;
+
+  // `count` < kWidth loads a tail: the missing lanes are zero.
+  static Pack load(const scalar_t* p, int64_t count = kWidth) {
+    if constexpr (kParts == 1) {
+      return {count == kWidth ? Acc::loadu(p) : Acc::loadu(p, count)};
+    } else {
+      const auto v = count == kWidth ? Vectorized<scalar_t>::loadu(p) : Vectorized<scalar_t>::loadu(p, count);
+      const auto [a, b] = at::vec::convert_to_float<scalar_t>(v);
+      return {a, b};
+    }
+  }
+  static void store(scalar_t* p, const Pack& v, int64_t count = kWidth) {
+    if constexpr (kParts == 1) {
+      v[0].store(p, count);
+    } else {
+      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p, count);
+    }
+  }
+  // Accumulation-type values (per-channel parameters, accumulators) for the same kWidth lanes.
+  static Pack load_acc(const opmath_t* p, int64_t count = kWidth) {
+    Pack v;
+    for (int k = 0; k < kParts; ++k) {
+      const int64_t n = std::clamp<int64_t>(count - k * Acc::size(), 0, Acc::size());
+      v[k] = n == Acc::size() ? Acc::loadu(p + k * Acc::size()) : Acc::loadu(p + k * Acc::size(), n);
+    }
+    return v;
+  }
+  static void store_acc(opmath_t* p, const Pack& v) {  // p has room for kWidth values
+    for (int k = 0; k < kParts; ++k) v[k].store(p + k * Acc::size());
+  }
+  static Pack broadcast(opmath_t value) {
+    Pack v;
+    v.fill(Acc(value));
+    return v;
+  }
+};
+
+// Room for n channels, rounded up to whole vectors, so accumulators are always loaded and stored whole.
+template <typename scalar_t>
+int64_t padded(int64_t n) {
+  constexpr int64_t w = VecIO<scalar_t>::kWidth;
+  return (n + w - 1) / w * w;
+}
+
+// Calls segment(offset, count, channel) over the view in parallel: `count` contiguous elements from `offset`,
+// of one `channel` (NCHW), or channel < 0: the channels 0..count-1 of one NHWC row. Plane pieces are at most
+// kGrainSize long, so a single large plane (a flat tensor) still spreads over the threads.
+template <typename Segment>
+void for_each_segment(const ChannelView& v, const Segment& segment) {
   if (v.channels_last()) {
-    // NHWC: rows of C contiguous channels.
-    const int64_t rows = v.n * v.s;
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainSize / v.c), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t base = row * v.c;
-        for (int64_t c = 0; c < v.c; ++c) body(base + c, c);
-      }
+    at::parallel_for(0, v.n * v.s, std::max<int64_t>(1, kGrainSize / v.c), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) segment(row * v.c, v.c, int64_t(-1));
     });
-  } else {
-    // NCHW: planes of S contiguous pixels of one channel.
-    const int64_t planes = v.n * v.c;
-    at::parallel_for(0, planes, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(v.s, 1)),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t plane = begin; plane < end; ++plane) {
-                         const int64_t c = plane % v.c, base = plane * v.s;
-                         for (int64_t s = 0; s < v.s; ++s) body(base + s, c);
-                       }
-                     });
+    return;
+  }
+  const int64_t pieces = std::max<int64_t>(1, (v.s + kGrainSize - 1) / kGrainSize);
+  const int64_t piece = (v.s + pieces - 1) / pieces;
+  at::parallel_for(0, v.n * v.c * pieces, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(piece, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t unit = begin; unit < end; ++unit) {
+                       const int64_t plane = unit / pieces, start = unit % pieces * piece;
+                       const int64_t count = std::min(piece, v.s - start);
+                       if (count > 0) segment(plane * v.s + start, count, plane % v.c);
+                     }
+                   });
+}
+
+// Evaluates fn over `count` contiguous elements from `offset` (of one `channel`, or, channel < 0, the channels
+// 0..count-1 of one NHWC row), a vector of VecIO::kWidth elements at a time, and hands each vector's results to
+// visit(j, n, results): the vector starts at element offset + j and has n valid lanes (a tail: n < kWidth).
+// fn(const std::array<Acc, kIn>&, const std::array<Acc, kParams>&) -> std::array<Acc, kResults>, where in[i] are
+// the inputs' values and params[k] the per-channel parameters of those elements.
+template <typename scalar_t, int kIn, int kParams, int kResults, typename Fn, typename Visit>
+void sweep_segment(int64_t offset, int64_t count, int64_t channel, const std::array<const scalar_t*, kIn>& in,
+                   const std::array<const at::opmath_type<scalar_t>*, kParams>& params, const Fn& fn,
+                   const Visit& visit) {
+  using IO = VecIO<scalar_t>;
+  using Acc = typename IO::Acc;
+  std::array<typename IO::Pack, kParams> p;
+  if (channel >= 0) {
+    for (int k = 0; k < kParams; ++k) p[k] = IO::broadcast(params[k][channel]);
+  }
+  for (int64_t j = 0; j < count; j += IO::kWidth) {
+    const int64_t n = std::min(IO::kWidth, count - j);
+    if (channel < 0) {
+      for (int k = 0; k < kParams; ++k) p[k] = IO::load_acc(params[k] + j, n);
+    }
+    std::array<typename IO::Pack, kIn> x;
+    for (int i = 0; i < kIn; ++i) x[i] = IO::load(in[i] + offset + j, n);
+    std::array<typename IO::Pack, kResults> y;
+    for (int part = 0; part < IO::kParts; ++part) {
+      std::array<Acc, kIn> xs;
+      std::array<Acc, kParams> ps;
+      for (int i = 0; i < kIn; ++i) xs[i] = x[i][part];
+      for (int k = 0; k < kParams; ++k) ps[k] = p[k][part];
+      const std::array<Acc, kResults> ys = fn(xs, ps);
+      for (int r = 0; r < kResults; ++r) y[r][part] = ys[r];
+    }
+    visit(j, n, y);
   }
 }
 
-// Per-channel sums in double of kTerms quantities: term(offset, channel) returns the element's
-// std::array<double, kTerms>. Returns the sums term-major: sums[k * C + c]. Work is split into pieces
-// fixed by the shape alone (row chunks in NHWC, (n, c) planes in NCHW), each swept in storage order,
-// and their partial sums are combined in a fixed order: the result does not depend on the thread count.
-template <int kTerms, typename Term>
-std::vector<double> reduce_per_channel(const ChannelView& v, const Term& term) {
-  const int64_t width = v.c * kTerms;
-  std::vector<double> sums(width, 0.0);
-  if (v.channels_last()) {
-    const int64_t rows = v.n * v.s;
-    const int64_t chunks = std::clamp<int64_t>(rows * v.c / kGrainSize, 1, 64);
-    const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
-    std::vector<double> partial(chunks * width, 0.0);
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        double* acc = partial.data() + chunk * width;  // term-major, so the channel loop vectorizes
-        const int64_t last = std::min(rows, (chunk + 1) * rows_per_chunk);
-        for (int64_t row = chunk * rows_per_chunk; row < last; ++row) {
-          for (int64_t c = 0; c < v.c; ++c) {
-            const auto values = term(row * v.c + c, c);
-            for (int k = 0; k < kTerms; ++k) acc[k * v.c + c] += values[k];
+// Elementwise: out[o][i] = fn(in[0][i], ..., params[0][c], ...)[o] for every element i of channel c (fn as for
+// sweep_segment). An output may be one of the inputs (each element is read before it is written).
+template <typename scalar_t, int kIn, int kOut, int kParams, typename Fn>
+void map_per_channel(const ChannelView& v, const std::array<const scalar_t*, kIn>& in,
+                     const std::array<scalar_t*, kOut>& out,
+                     const std::array<const at::opmath_type<scalar_t>*, kParams>& params, const Fn& fn) {
+  using IO = VecIO<scalar_t>;
+  for_each_segment(v, [&](int64_t offset, int64_t count, int64_t channel) {
+    sweep_segment<scalar_t, kIn, kParams, kOut>(offset, count, channel, in, params, fn,
+                                                [&](int64_t j, int64_t n, const auto& y) {
+                                                  for (int o = 0; o < kOut; ++o) IO::store(out[o] + offset + j, y[o], n);
+                                                });
+  });
+}
+
+// How a per-channel reduction splits its work: into pieces fixed by the shape alone (runs of whole NHWC rows,
+// or pieces of NCHW planes), each swept in storage order by one thread, their partial results combined in
+// a fixed order. So results do not depend on the thread count.
+struct ReductionPlan {
+  int64_t pieces;      // NHWC: row ranges; NCHW: pieces per plane
+  int64_t piece_size;  // NHWC: rows per piece; NCHW: elements per plane piece
+
+  static ReductionPlan of(const ChannelView& v) {
+    if (v.channels_last()) {
+      const int64_t rows = v.n * v.s;
+      const int64_t pieces = std::clamp<int64_t>(rows * v.c / kGrainSize, 1, 64);
+      return {pieces, (rows + pieces - 1) / pieces};
+    }
+    const int64_t pieces = std::max<int64_t>(1, (v.s + kGrainSize - 1) / kGrainSize);
+    return {pieces, (v.s + pieces - 1) / pieces};
+  }
+  int64_t units(const ChannelView& v) const { return v.channels_last() ? pieces : v.n * v.c * pieces; }
+  // Units per parallel task: about kGrainSize elements, so a small tensor is reduced inline, without waking
+  // the thread pool (NHWC pieces already hold that many, except the single piece of a small tensor).
+  int64_t grain(const ChannelView& v) const {
+    return v.channels_last() ? 1 : std::max<int64_t>(1, kGrainSize / std::max<int64_t>(piece_size, 1));
+  }
+  // Channels whose partial results a unit holds: all of them (NHWC rows), or its plane's one (NCHW).
+  static int64_t slots(const ChannelView& v) { return v.channels_last() ? v.c : 1; }
+  // The channel of an NCHW unit.
+  int64_t channel(const ChannelView& v, int64_t unit) const { return unit / pieces % v.c; }
+};
+
+// Rows of an NHWC chunk: its values stay in cache between the passes over it (at most 64 KB of float), and
+// sums over at most 256 values per lane stay accurate before they are merged in double.
+inline int64_t chunk_rows(int64_t channels) {
+  return std::clamp<int64_t>(16384 / std::max<int64_t>(channels, 1), 4, 256);
+}
+
+// Per-channel sums in double of kTerms quantities, fn(in[0][i], ..., params...) -> std::array<Acc, kTerms + kOut>:
+// its first kTerms values are summed, accumulated in the accumulation type over chunks of a few thousand
+// elements, then in double, so they stay accurate for any count; the other kOut values are stored to out[o][i]
+// in the same pass. Returns the sums term-major: sums[k * C + c].
+template <typename scalar_t, int kIn, int kTerms, int kOut, int kParams, typename Fn>
+std::vector<double> sum_per_channel(const ChannelView& v, const std::array<const scalar_t*, kIn>& in,
+                                    const std::array<scalar_t*, kOut>& out,
+                                    const std::array<const at::opmath_type<scalar_t>*, kParams>& params,
+                                    const Fn& fn) {
+  using IO = VecIO<scalar_t>;
+  using Acc = typename IO::Acc;
+  using opmath_t = typename IO::opmath_t;
+  const ReductionPlan plan = ReductionPlan::of(v);
+  const int64_t slots = ReductionPlan::slots(v);
+  std::vector<double> partial(plan.units(v) * kTerms * slots, 0.0);  // [unit][term][slot]
+
+  auto accumulate = [&](int64_t offset, int64_t count, int64_t channel, std::array<opmath_t*, kTerms> acc) {
+    // acc: padded(count) values per term (channel < 0) or kWidth lanes (one channel)
+    sweep_segment<scalar_t, kIn, kParams, kTerms + kOut>(
+        offset, count, channel, in, params, fn, [&](int64_t j, int64_t n, const auto& y) {
+          for (int t = 0; t < kTerms; ++t) {
+            opmath_t* a = acc[t] + (channel < 0 ? j : 0);
+            typename IO::Pack sum = IO::load_acc(a);
+            for (int part = 0; part < IO::kParts; ++part) {
+              // Lanes past the data (a tail load's zeros) would add fn(0, ...): keep them out.
+              const int64_t valid = std::clamp<int64_t>(n - part * Acc::size(), 0, Acc::size());
+              sum[part] = sum[part] + (valid == Acc::size() ? y[t][part] : Acc::set(Acc(0), y[t][part], valid));
+            }
+            IO::store_acc(a, sum);
+          }
+          for (int o = 0; o < kOut; ++o) IO::store(out[o] + offset + j, y[kTerms + o], n);
+        });
+  };
+
+  at::parallel_for(0, plan.units(v), plan.grain(v), [&](int64_t begin, int64_t end) {
+    if (v.channels_last()) {
+      const int64_t width = padded<scalar_t>(v.c);
+      std::vector<opmath_t> acc(kTerms * width);
+      std::array<opmath_t*, kTerms> acc_of;
+      for (int t = 0; t < kTerms; ++t) acc_of[t] = acc.data() + t * width;
+      for (int64_t unit = begin; unit < end; ++unit) {
+        double* out = partial.data() + unit * kTerms * slots;
+        const int64_t last = std::min(v.n * v.s, (unit + 1) * plan.piece_size);
+        for (int64_t row = unit * plan.piece_size; row < last; row += chunk_rows(v.c)) {
+          std::fill(acc.begin(), acc.end(), opmath_t(0));
+          for (int64_t r = row; r < std::min(last, row + chunk_rows(v.c)); ++r) accumulate(r * v.c, v.c, -1, acc_of);
+          for (int t = 0; t < kTerms; ++t)
+            for (int64_t c = 0; c < v.c; ++c) out[t * v.c + c] += acc_of[t][c];
+        }
+      }
+    } else {
+      std::array<opmath_t, kTerms * VecIO<scalar_t>::kWidth> acc;
+      std::array<opmath_t*, kTerms> acc_of;
+      for (int t = 0; t < kTerms; ++t) acc_of[t] = acc.data() + t * IO::kWidth;
+      constexpr int64_t kChunk = 4096;
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t plane = unit / plan.pieces, channel = plane % v.c;
+        const int64_t start = unit % plan.pieces * plan.piece_size, stop = std::min(v.s, start + plan.piece_size);
+        double* out = partial.data() + unit * kTerms;
+        for (int64_t s = start; s < stop; s += kChunk) {
+          acc.fill(opmath_t(0));
+          accumulate(plane * v.s + s, std::min(kChunk, stop - s), channel, acc_of);
+          for (int t = 0; t < kTerms; ++t) {
+            double lanes = 0;
+            for (int64_t l = 0; l < IO::kWidth; ++l) lanes += acc_of[t][l];
+            out[t] += lanes;
           }
         }
       }
-    });
-    for (int64_t chunk = 0; chunk < chunks; ++chunk)
-      for (int64_t i = 0; i < width; ++i) sums[i] += partial[chunk * width + i];
-  } else {
-    const int64_t planes = v.n * v.c;
-    std::vector<double> partial(planes * kTerms, 0.0);
-    at::parallel_for(0, planes, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(v.s, 1)),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t plane = begin; plane < end; ++plane) {
-                         const int64_t c = plane % v.c;
-                         std::array<double, kTerms> acc{};
-                         for (int64_t s = 0; s < v.s; ++s) {
-                           const auto values = term(plane * v.s + s, c);
-                           for (int k = 0; k < kTerms; ++k) acc[k] += values[k];
-                         }
-                         for (int k = 0; k < kTerms; ++k) partial[plane * kTerms + k] = acc[k];
-                       }
-                     });
-    for (int64_t plane = 0; plane < planes; ++plane)
-      for (int k = 0; k < kTerms; ++k) sums[k * v.c + plane % v.c] += partial[plane * kTerms + k];
+    }
+  });
+  std::vector<double> sums(kTerms * v.c, 0.0);
+  for (int64_t unit = 0; unit < plan.units(v); ++unit) {
+    const double* from = partial.data() + unit * kTerms * slots;
+    if (v.channels_last()) {
+      for (int64_t i = 0; i < kTerms * v.c; ++i) sums[i] += from[i];
+    } else {
+      for (int t = 0; t < kTerms; ++t) sums[t * v.c + plan.channel(v, unit)] += from[t];
+    }
   }
   return sums;
+}
+
+// Per-channel (mean, M2 = sum of squared deviations), in double, over N*H*W values, reading x once from
+// memory: each chunk of a few thousand values is summed (relative to a per-channel shift, the piece's
+// first value, so a large mean does not swamp the spread), then its squared deviations from the chunk mean
+// are summed while it is still in cache, and the chunk is merged into the piece's (count, mean, M2) with
+// Chan's formula; the pieces are merged the same way, in a fixed order.
+struct Moments {
+  std::vector<double> mean, m2;
+};
+
+namespace detail {
+// Merges a chunk of `nb` values with mean `mb` and M2 `m2b` into (n, mean, m2): Chan et al.'s parallel formula.
+inline void chan_merge(double& n, double& mean, double& m2, double nb, double mb, double m2b) {
+  if (n == 0) {  // exactly the chunk's values: mb * nb / nb may round
+    n = nb, mean = mb, m2 = m2b;
+    return;
+  }
+  const double total = n + nb, delta = mb - mean;
+  mean += delta * nb / total;
+  m2 += m2b + delta * delta * n * nb / total;
+  n = total;
+}
+}  // namespace detail
+
+template <typename scalar_t>
+Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
+  using IO = VecIO<scalar_t>;
+  using Acc = typename IO::Acc;
+  using opmath_t = typename IO::opmath_t;
+  const ReductionPlan plan = ReductionPlan::of(v);
+  const int64_t units = plan.units(v);
+  // Per unit and slot: (count, mean, M2); NCHW units hold one channel each.
+  const int64_t slots = ReductionPlan::slots(v);
+  std::vector<double> count(units * slots, 0.0), mean(units * slots, 0.0), m2(units * slots, 0.0);
+
+  // Sums over `count` contiguous values from `offset` into acc (kWidth lanes per channel, NHWC: a row of them):
+  // sum of (x - shift), or with `centre`, sum of (x - centre)^2.
+  auto sweep = [&](int64_t offset, int64_t n_values, int64_t channel, opmath_t* acc, const opmath_t* shift,
+                   bool squares) {
+    for (int64_t j = 0; j < n_values; j += IO::kWidth) {
+      const int64_t n = std::min(IO::kWidth, n_values - j);
+      const auto x_vec = IO::load(x + offset + j, n);
+      const auto centre = channel < 0 ? IO::load_acc(shift + j, n) : IO::broadcast(shift[0]);
+      opmath_t* a = acc + (channel < 0 ? j : 0);
+      auto sum = IO::load_acc(a);
+      for (int part = 0; part < IO::kParts; ++part) {
+        const Acc d = x_vec[part] - centre[part];  // tail lanes: 0 - centre, masked out below
+        const Acc term = squares ? d * d : d;
+        const int64_t valid = std::clamp<int64_t>(n - part * Acc::size(), 0, Acc::size());
+        sum[part] = sum[part] + (valid == Acc::size() ? term : Acc::set(Acc(0), term, valid));
+      }
+      IO::store_acc(a, sum);
+    }
+  };
+
+  at::parallel_for(0, units, plan.grain(v), [&](int64_t begin, int64_t end) {
+    if (v.channels_last()) {
+      const int64_t width = padded<scalar_t>(v.c);
+      std::vector<opmath_t> acc(width), shift(width), centre(width);
+      std::vector<double> chunk_mean(v.c);
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t first = unit * plan.piece_size, last = std::min(v.n * v.s, first + plan.piece_size);
+        if (first >= last) continue;
+        for (int64_t c = 0; c < v.c; ++c) shift[c] = static_cast<opmath_t>(x[first * v.c + c]);
+        double n_u = 0;  // every channel of a row range has the same count
+        double* mean_u = mean.data() + unit * slots;
+        double* m2_u = m2.data() + unit * slots;
+        for (int64_t row = first; row < last; row += chunk_rows(v.c)) {
+          const int64_t rows = std::min(last, row + chunk_rows(v.c)) - row;
+          std::fill(acc.begin(), acc.end(), opmath_t(0));
+          for (int64_t r = row; r < row + rows; ++r) sweep(r * v.c, v.c, -1, acc.data(), shift.data(), false);
+          for (int64_t c = 0; c < v.c; ++c) {
+            chunk_mean[c] = static_cast<double>(shift[c]) + static_cast<double>(acc[c]) / rows;
+            centre[c] = static_cast<opmath_t>(chunk_mean[c]);
+          }
+          std::fill(acc.begin(), acc.end(), opmath_t(0));
+          for (int64_t r = row; r < row + rows; ++r) sweep(r * v.c, v.c, -1, acc.data(), centre.data(), true);
+          // Chan's merge with the count weights hoisted out of the channel loop (all channels share the counts).
+          const double total = n_u + rows, weight = rows / total, cross = n_u * rows / total;
+          for (int64_t c = 0; c < v.c; ++c) {
+            // M2 about the rounded centre, corrected to the exact chunk mean: sum (x - m)^2 = sum (x - c)^2 - n (m - c)^2
+            const double offset = chunk_mean[c] - static_cast<double>(centre[c]);
+            const double delta = chunk_mean[c] - mean_u[c];
+            mean_u[c] += delta * weight;
+            m2_u[c] += static_cast<double>(acc[c]) - rows * offset * offset + delta * delta * cross;
+          }
+          n_u = total;
+        }
+        std::fill(count.begin() + unit * slots, count.begin() + (unit + 1) * slots, n_u);
+      }
+    } else {
+      constexpr int64_t kChunk = 4096;
+      std::array<opmath_t, VecIO<scalar_t>::kWidth> acc;
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t plane = unit / plan.pieces, channel = plane % v.c;
+        const int64_t start = unit % plan.pieces * plan.piece_size, stop = std::min(v.s, start + plan.piece_size);
+        if (start >= stop) continue;
+        const int64_t base = plane * v.s;
+        const opmath_t shift = static_cast<opmath_t>(x[base + start]);
+        double& n_u = count[unit];
+        double& mean_u = mean[unit];
+        double& m2_u = m2[unit];
+        for (int64_t s = start; s < stop; s += kChunk) {
+          const int64_t n_values = std::min(kChunk, stop - s);
+          acc.fill(opmath_t(0));
+          sweep(base + s, n_values, channel, acc.data(), &shift, false);
+          double sum = 0;
+          for (opmath_t a : acc) sum += a;
+          const double chunk_mean = static_cast<double>(shift) + sum / n_values;
+          const opmath_t centre = static_cast<opmath_t>(chunk_mean);
+          acc.fill(opmath_t(0));
+          sweep(base + s, n_values, channel, acc.data(), &centre, true);
+          double squares = 0;
+          for (opmath_t a : acc) squares += a;
+          const double offset = chunk_mean - static_cast<double>(centre);
+          detail::chan_merge(n_u, mean_u, m2_u, n_values, chunk_mean, squares - n_values * offset * offset);
+        }
+      }
+    }
+  });
+
+  Moments result{std::vector<double>(v.c, 0.0), std::vector<double>(v.c, 0.0)};
+  std::vector<double> total(v.c, 0.0);
+  for (int64_t unit = 0; unit < units; ++unit) {
+    for (int64_t slot = 0; slot < slots; ++slot) {
+      const int64_t i = unit * slots + slot, c = v.channels_last() ? slot : plan.channel(v, unit);
+      if (count[i] > 0) detail::chan_merge(total[c], result.mean[c], result.m2[c], count[i], mean[i], m2[i]);
+    }
+  }
+  return result;
 }
 
 }  // namespace resnet_fused::cpu

@@ -10,3 +10,9 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("add_act", &resnet_fused::cpu::add_act);
   m.impl("conv_stats", &resnet_fused::cpu::conv_stats);
 }
+
+// A weight prepacked for oneDNN is an MKLDNN tensor, and that dispatch key outranks CPU: the same kernel
+// takes it (it passes the packed weight to oneDNN).
+TORCH_LIBRARY_IMPL(resnet_fused, MkldnnCPU, m) {
+  m.impl("conv_bn_act", &resnet_fused::cpu::conv_bn_act);
+}

@@ -142,7 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     const at::Tensor& grad_out_in, const at::Tensor& out_in, const at::Tensor& x_in, const at::Tensor& weight_in,
-    const at::Tensor& save_mean_in, const at::Tensor& save_invstd_in, bool training, bool relu) {
+    const at::Tensor& save_mean_in, const at::Tensor& save_invstd_in, bool training, bool relu,
+    bool need_grad_pre) {
   constexpr const char* op = "bn_act_backward";
   check_x(x_in, op);
   const int64_t channels = x_in.size(1);
@@ -184,7 +185,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
   at::Tensor workspace = at::empty({bn::backward_workspace_size(plans.reduce)}, x.options().dtype(opmath));
   bn_act_backward_launch(plans.reduce, plans.elementwise, grad_out, out, x, weight, save_mean, save_invstd,
                          training, relu, grad_x, grad_weight, grad_bias, grad_pre, workspace);
-  return {grad_x, grad_weight, grad_bias, grad_pre};
+  // The kernels always write grad_pre; the schema's contract is an empty one when it is not asked for.
+  return {grad_x, grad_weight, grad_bias, need_grad_pre ? grad_pre : at::empty({0}, x.options())};
 }
 
 }  // namespace

@@ -116,12 +116,12 @@ def _fake(x, weight, bias, residual, running_mean, running_var, training, moment
     )
 
 
-def _fake_backward(grad_out, out, x, weight, save_mean, save_invstd, training, relu):
+def _fake_backward(grad_out, out, x, weight, save_mean, save_invstd, training, relu, need_grad_pre=True):
     return (
         empty_output(x, x.shape),
         torch.empty_like(weight),
         torch.empty_like(weight),
-        empty_output(x, x.shape),
+        empty_output(x, x.shape) if need_grad_pre else x.new_empty((0,)),
     )
 
 
@@ -143,10 +143,10 @@ def _backward_with(backward_op):
 
 def _backward(ctx, grad_out, backward_op):
     x, weight, save_mean, save_invstd, out = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias, grad_pre = backward_op(
-        grad_out, out if ctx.relu else x, x, weight, save_mean, save_invstd, ctx.training, ctx.relu
-    )
     need_x, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
+    grad_x, grad_weight, grad_bias, grad_pre = backward_op(
+        grad_out, out if ctx.relu else x, x, weight, save_mean, save_invstd, ctx.training, ctx.relu, need_residual
+    )
     return (
         grad_x if need_x else None,
         grad_weight if need_weight else None,

@@ -75,12 +75,12 @@ class _BatchNorm:
             running_var.copy_(new_var)
         return out, mean, invstd, None
 
-    def backward(self, grad_out, out, x, weight, mean, invstd, total, relu):
-        """(grad_x, grad_weight, grad_bias, grad_pre) of forward."""
+    def backward(self, grad_out, out, x, weight, mean, invstd, total, relu, need_grad_pre):
+        """(grad_x, grad_weight, grad_bias, grad_pre) of forward; grad_pre only with need_grad_pre."""
         if self.group is not None:
             return bn_backward(grad_out, out, x, weight, mean, invstd, total, relu, self.group)
         _, backward_op = backend_ops(self.name)
-        return backward_op(grad_out, out, x, weight, mean, invstd, True, relu)
+        return backward_op(grad_out, out, x, weight, mean, invstd, True, relu, need_grad_pre)
 
 
 def _relu_output(x, weight, bias, mean, invstd):
@@ -176,7 +176,7 @@ class ConvBNActNext:
         if need_z or need_weight or need_bias or need_residual:
             # Without ReLU, out is not read: z stands in for it.
             grad_z, grad_weight, grad_bias, grad_residual = bn.backward(grad_out, out if self.relu else z, z, weight,
-                                                                        mean, invstd, total, self.relu)
+                                                                        mean, invstd, total, self.relu, need_residual)
         if need_z:
             grad_y, grad_conv_weight = self.conv.conv_backward(grad_z, y, conv_weight, need_y, need_conv_weight)
         return grad_y, (grad_conv_weight, grad_weight, grad_bias, grad_residual)
@@ -211,7 +211,8 @@ class BNReLUThen(torch.autograd.Function):
         grad_y, next_grads = ctx.then.backward(grad_out, y, saved, ctx.needs_input_grad[10:], need_bn, ctx.bn)
         grad_x = grad_weight = grad_bias = None
         if need_bn:
-            grad_x, grad_weight, grad_bias, _ = ctx.bn.backward(grad_y, y, x, weight, mean, invstd, total, True)
+            grad_x, grad_weight, grad_bias, _ = ctx.bn.backward(grad_y, y, x, weight, mean, invstd, total, True,
+                                                                need_grad_pre=False)
         return (
             grad_x if need_x else None,
             grad_weight if need_bn_weight else None,

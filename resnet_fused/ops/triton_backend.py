@@ -71,14 +71,15 @@ if TRITON_INSTALLED:
 
     @torch.library.custom_op("resnet_fused::bn_act_backward_triton", mutates_args=())
     def bn_act_backward_triton(grad_out: Tensor, out: Tensor, x: Tensor, weight: Tensor, save_mean: Tensor,
-                               save_invstd: Tensor, training: bool,
-                               relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                               save_invstd: Tensor, training: bool, relu: bool,
+                               need_grad_pre: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x = _dense_as(x, x)
         grad_x, grad_pre = empty_output(x, x.shape), empty_output(x, x.shape)
         grad_weight, grad_bias = bn_kernels.bn_act_backward(
             _dense_as(x, grad_out), _dense_as(x, out), x, weight, save_mean, save_invstd, training, relu,
             grad_x, grad_pre)
-        return grad_x, grad_weight, grad_bias, grad_pre
+        # The kernel always writes grad_pre; the op's contract is an empty one when it is not asked for.
+        return grad_x, grad_weight, grad_bias, grad_pre if need_grad_pre else grad_pre.new_empty((0,))
 
     register_bn_act_formulas("resnet_fused::bn_act_triton", "resnet_fused::bn_act_backward_triton")
 
