@@ -154,3 +154,16 @@ def test_compiled_block(backend, monkeypatch):
         torch.testing.assert_close(grads[name], expected_grads[name], msg=name)
     for name in expected_buffers:
         torch.testing.assert_close(buffers[name], expected_buffers[name], msg=name)
+
+
+def test_untracked_statistics(monkeypatch, conv_stats_calls):
+    """BN layers without running statistics (track_running_stats=False) normalize with the batch's."""
+    import functools
+    import torchvision
+    _enable(monkeypatch, "cpu")
+    norm = functools.partial(torch.nn.BatchNorm2d, track_running_stats=False)
+    fused = rf.nn.BasicBlock(8, 8, norm_layer=norm, backend="cpu").double()
+    reference = torchvision.models.resnet.BasicBlock(8, 8, norm_layer=norm).double()
+    reference.load_state_dict(fused.state_dict())
+    assert_same_step(fused, reference, torch.randn(2, 8, 5, 5, dtype=torch.float64), steps=1)
+    assert len(conv_stats_calls) == 2
