@@ -20,15 +20,17 @@ Kernels
     M2 plus the counts times the squared spread of the means), then merged into the running total with
     Chan's pairwise formula. Fixed order and fixed tiles: deterministic; deviations instead of
     E[y^2] - E[y]^2: accurate when the mean is large against the spread.
+``_bn_add_relu_kernel``: the exit of a block training on conv_stats, relu(y * scale + shift + shortcut'), the
+    shortcut being x or a downsample branch's conv_stats output with its BN applied in the same pass.
 
 The partial buffers have a row per BLOCK_M tile of the smallest BLOCK_M any config has, because the
 autotuner picks BLOCK_M after the buffers exist; ``count`` starts at zero (and the autotuner resets it
 between the configs it times), so rows a larger tile leaves unwritten count for nothing. Counts are fp32:
-exact below 2^24 rows per tile, far above any tile.
+the running total is exact below 2^24 pixels (ResNet-50's largest conv output at batch 256 has 3.2M).
 
 Configs: ``conv_bn_act.py``'s tiles that compile without spills with this epilogue (see
-``STATS_CONFIGS_TAP``). ``aot.py --family stats`` compiles them for sm_80 and
-sm_90. Interpreter (``TRITON_INTERPRET=1``): one fixed config, as in conv_bn_act.py; bf16 ``tl.dot`` is
+``STATS_CONFIGS_TAP``). ``aot.py --family stats`` compiles them for sm_80 and sm_90. Interpreter
+(``TRITON_INTERPRET=1``): one tile (``INTERPRET_STATS_CONFIG``, clamped to the problem); bf16 ``tl.dot`` is
 wrong there (ENV.md), so bf16 is tested on a GPU only.
 """
 from __future__ import annotations
@@ -39,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv_bn_act import (CONV_AUTOTUNE_KEY, FP32_INPUT_PRECISION, INTERPRET, K_FLAT_BELOW, _extent, _INT32_LIMIT, _next_pow2, _output_pixels, _out_size)
+from .conv_bn_act import (CONV_AUTOTUNE_KEY, FP32_INPUT_PRECISION, INTERPRET, K_FLAT_BELOW, _extent, _INT32_LIMIT,
+                          _next_pow2, _out_size, _output_pixels)
 
 __all__ = ["conv_stats", "bn_add_relu", "stats_configs", "ALL_STATS_CONFIGS", "COMBINE_CONFIG", "EXIT_CONFIG",
            "KERNELS", "INTERPRET"]
@@ -78,8 +81,9 @@ ALL_STATS_CONFIGS = STATS_CONFIGS_TAP + STATS_CONFIGS_FLAT + STATS_CONFIGS_FP32
 
 def stats_configs(fp32: bool, k_flat: bool, index_64: bool, cin_g: int, cout_g: int, k_total: int):
     """The configs the autotuner tries for one problem: the list by dtype and loop variant (the same for
-    sm_80 and sm_90), only BLOCK_M <= 64 with int64 index math, BLOCK_N / BLOCK_K shrunk where they overshoot the problem, never
-    below 16 (tl.dot minimum), duplicates dropped, as conv_bn_act.conv_configs. aot.py compiles these."""
+    sm_80 and sm_90), only BLOCK_M <= 64 with int64 index math, BLOCK_N / BLOCK_K shrunk where they overshoot
+    the problem, never below 16 (tl.dot minimum), duplicates dropped, as conv_bn_act.conv_configs. aot.py
+    compiles these."""
     base = STATS_CONFIGS_FP32 if fp32 else STATS_CONFIGS_FLAT if k_flat else STATS_CONFIGS_TAP
     if index_64:
         base = [c for c in base if c.kwargs["BLOCK_M"] <= 64]
