@@ -29,10 +29,15 @@ def write(out_dir: Path, env: dict, rows: list[dict]) -> list[Path]:
     entries = speedups(rows)
     for op in dict.fromkeys(row["op"] for row in rows):
         op_rows = [r for r in rows if r["op"] == op]
-        shapes = list(dict.fromkeys(r["shape"] for r in op_rows))
+        several_dtypes = len({r["dtype"] for r in op_rows}) > 1
+
+        def label(r):  # the bar group: the shape, and its dtype where the run has several
+            return f"{r['shape']} {r['dtype']}" if several_dtypes else r["shape"]
+
+        shapes = list(dict.fromkeys(label(r) for r in op_rows))
         providers = [p for p in dict.fromkeys(r["provider"] for r in op_rows) if p not in ("eager", "conv_alone")]
-        speed = {(e["shape"], e["provider"]): e.get("vs_eager", 0.0) for e in entries if e["op"] == op}
-        timed = {(r["shape"], r["provider"]): r for r in op_rows if r["status"] == "ok"}
+        speed = {(label(e), e["provider"]): e.get("vs_eager", 0.0) for e in entries if e["op"] == op}
+        timed = {(label(r), r["provider"]): r for r in op_rows if r["status"] == "ok"}
         ceiling = ceiling_for(env, op_rows[0]["throughput_unit"])
 
         everyone = ["eager"] + providers

@@ -12,7 +12,8 @@ import resnet_fused as rf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ lives beside the package
 from bench import __main__ as bench_main  # noqa: E402
 
-QUICK = ["--quick", "--shapes", "l1.expand", "--min-run-time", "0.01", "--device", "cpu", "--image-size", "32"]
+QUICK = ["--quick", "--shapes", "l1.expand", "--min-run-time", "0.01", "--device", "cpu", "--image-size", "32",
+         "--models", "resnet18", "--batch", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +31,15 @@ def test_quick_run_writes_json_and_markdown(quick_run):
     for key in ("device", "torch", "torch_cuda", "triton", "date", "git_commit", "resnet_fused_backends"):
         assert key in env
     ops = {row["op"] for row in results["rows"]}
-    assert ops == {"conv_bn_act", "bn_act.forward", "bn_act.forward+backward", "model.inference", "model.latency",
-                   "model.train_step"}
+    assert ops == {"conv_bn_act", "bn_act.forward", "bn_act.forward+backward", "overhead.conv_bn_act",
+                   "overhead.bn_act", "model.inference", "model.latency", "model.train_step"}
     assert {row["batch"] for row in results["rows"] if row["op"] == "model.latency"} == {1}
     for row in results["rows"]:
         assert row["status"] == "ok", row
         assert row["median_ms"] > 0 and row["low_ms"] <= row["median_ms"] <= row["high_ms"]
-        assert row["throughput"] > 0 and row["throughput_unit"] in ("TFLOP/s", "GB/s", "img/s")
+        assert row["throughput"] > 0 and row["throughput_unit"] in ("TFLOP/s", "GB/s", "img/s", "calls/s")
+        # timed side by side with the others of its comparison: the ratio is the median of per-round ratios
+        assert row["rounds"] >= 7 and (row["provider"] == "eager" or row["vs_eager"] > 0), row
     providers = {row["provider"] for row in results["rows"]}
     assert {"eager", "conv_alone", "fused:reference"} <= providers
     if "cpu" in rf.available_backends():
