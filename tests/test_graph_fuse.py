@@ -11,7 +11,7 @@ from torch import nn
 
 import resnet_fused as rf
 from resnet_fused import family
-from resnet_fused.graph_fuse import GraphFusedStep
+from resnet_fused.graph_fuse import GraphFusedAddReLU, GraphFusedStep
 
 timm = pytest.importorskip("timm")
 
@@ -90,6 +90,30 @@ def test_fuses_only_what_is_safe(module, eval_note):
     assert report.notes["eval"] == {"bn": eval_note} and report.notes["train"] == {"bn": eval_note}
     assert [step.conv is not None for step in steps(fused)] == ["conv+" in eval_note]
     assert_same(fused, original, torch.randn(2, 4, 6, 6, dtype=torch.float64))
+
+
+class GatedTail(ConvBN):
+    """The tail of an SE block: conv -> BN -> gate, then + shortcut -> ReLU; and a broadcasting add -> ReLU."""
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        y = y * torch.sigmoid(y.mean((2, 3), keepdim=True))
+        return F.relu(y + x), torch.relu(x + x.mean((2, 3), keepdim=True))
+
+
+def test_add_relu_after_a_gate():
+    original = randomize_bn(GatedTail()).double()
+    fused, report = rf.fuse(original, report=True, backend="cpu" if "cpu" in rf.available_backends() else None)
+    assert report.notes["eval"] == {"bn": "fused (conv+bn)"}
+    assert len([m for m in fused.modules() if isinstance(m, GraphFusedAddReLU)]) == 1
+    code = fused._rf_graph_forwards[False].__code__
+    assert "fused_add_relu" in code.co_names and "relu" not in code.co_names  # both add -> ReLU pairs taken
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    for mode in ("eval", "train"):
+        set_mode(fused, mode), set_mode(original, mode)
+        with torch.no_grad():
+            for a, b in zip(fused(x), original(x)):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 def test_bn_alone_and_hooks_are_left_alone():

@@ -15,10 +15,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..nn.fused import FusedModule
 from .match import find_matches, remove_identities, rewrite
 from .report import FuseReport
-from .step import GraphFusedStep
+from .step import GraphFusedAddReLU, GraphFusedStep
 from .trace import install, is_atomic, is_container, is_graph_fused, trace_both_modes
 
-__all__ = ["FuseReport", "GraphFusedStep", "fuse_graphs"]
+__all__ = ["FuseReport", "GraphFusedAddReLU", "GraphFusedStep", "fuse_graphs"]
 
 _MODE_NAMES = {True: "train", False: "eval"}
 
@@ -62,10 +62,13 @@ def _visit(module, path, backend, shared, report, graph_notes, inlined: bool) ->
 
 
 def _fuse_module(module: nn.Module, graphs: dict[bool, fx.Graph], backend, shared) -> dict[str, dict[str, str]]:
-    notes, steps, found = {}, {}, False
+    notes, steps, found, add_relu_name = {}, {}, False, None
     for training, graph in graphs.items():
         remove_identities(module, graph)
-        matches, notes[_MODE_NAMES[training]] = find_matches(module, graph, shared)
+        matches, notes[_MODE_NAMES[training]], add_relus = find_matches(module, graph, shared)
+        if add_relus and add_relu_name is None:  # one stateless module serves every add -> ReLU of the graph
+            add_relu_name = _free_name(module, "fused_add_relu")
+            module.add_module(add_relu_name, GraphFusedAddReLU(backend))
         names = {}
         for match in matches:
             key = (match.bn.target, match.conv.target if match.conv else None)
@@ -74,9 +77,9 @@ def _fuse_module(module: nn.Module, graphs: dict[bool, fx.Graph], backend, share
                 conv = module.get_submodule(match.conv.target) if match.conv else None
                 module.add_module(steps[key], GraphFusedStep(conv, module.get_submodule(match.bn.target), backend))
             names[match.bn] = steps[key]
-        rewrite(graph, matches, names)
+        rewrite(graph, matches, names, add_relus, add_relu_name)
         graph.lint()
-        found = found or bool(matches)
+        found = found or bool(matches) or bool(add_relus)
     if found:
         install(module, graphs)
         module._rf_graph_notes = notes  # what a later rf.fuse reports without tracing again

@@ -100,8 +100,9 @@ def remove_identities(root: nn.Module, graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def find_matches(root: nn.Module, graph: fx.Graph, shared: set[int]) -> tuple[list[Match], dict[str, str]]:
-    """The fusable patterns of `graph` (traced from `root`), and a note per BN call (by module path)."""
+def find_matches(root: nn.Module, graph: fx.Graph, shared: set[int]):
+    """(the BN patterns of `graph` (traced from `root`), a note per BN call by module path, the add -> ReLU
+    pairs no BN pattern took)."""
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -136,7 +137,20 @@ def find_matches(root: nn.Module, graph: fx.Graph, shared: set[int]) -> tuple[li
             continue
         notes[node.target] = f"fused ({match.describe()})"
         matches.append(match)
-    return matches, notes
+    return matches, notes, _add_relu_matches(root, graph, claimed)
+
+
+def _add_relu_matches(root: nn.Module, graph: fx.Graph, claimed: set) -> list[tuple[fx.Node, fx.Node]]:
+    """(add, relu) pairs left over by the BN matches: a + b whose only user is a ReLU of it."""
+    pairs = []
+    for node in graph.nodes:
+        if (node.op != "call_function" or node.target not in (operator.add, torch.add) or len(node.args) != 2
+                or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args) or node in claimed):
+            continue
+        user = _only_user(node)
+        if user is not None and user not in claimed and _is_relu(root, user) and user.args[0] is node:
+            pairs.append((node, user))
+    return pairs
 
 
 def _fusable_conv(root, node, bn: fx.Node, calls, shared) -> fx.Node | None:
@@ -160,8 +174,15 @@ def _why_no_conv(root, node, calls, shared) -> str | None:
     return None
 
 
-def rewrite(graph: fx.Graph, matches: list[Match], step_names: dict[fx.Node, str]) -> None:
-    """Each match becomes one call_module of its step: step(x, residual, relu)."""
+def rewrite(graph: fx.Graph, matches: list[Match], step_names: dict[fx.Node, str], add_relus, add_relu_name) -> None:
+    """Each match becomes one call_module of its step, step(x, residual, relu); each add -> ReLU pair one
+    call of the module named add_relu_name."""
+    for add, relu in add_relus:
+        with graph.inserting_before(relu):
+            fused = graph.call_module(add_relu_name, add.args)
+        relu.replace_all_uses_with(fused)
+        graph.erase_node(relu)
+        graph.erase_node(add)
     for match in matches:
         source = match.conv or match.bn
         with graph.inserting_before(match.last):

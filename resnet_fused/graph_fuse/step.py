@@ -1,5 +1,6 @@
-"""The fused module that replaces one conv -> BN [-> + residual] [-> ReLU] (or BN [-> + residual] -> ReLU)
-pattern found in a module's graph.
+"""The fused modules that replace one conv -> BN [-> + residual] [-> ReLU] (or BN [-> + residual] -> ReLU)
+pattern found in a module's graph, and one add -> ReLU of two values no BN step could take (the tail of an
+SE/ECA block: conv3 -> BN3 -> gate, then + shortcut -> ReLU).
 
 It holds references to the model's own conv and BN modules without registering them (they stay where
 they are, under their own names), so parameters, buffers and state_dict keys do not change; it has no
@@ -8,7 +9,7 @@ state of its own besides FusedModule's fold cache.
 import torch
 from torch import nn
 
-from ..ops import bn_act
+from ..ops import add_act, bn_act
 from ..nn.fused import FusedModule, _cast, _trains, compute_dtype
 
 
@@ -60,3 +61,14 @@ class GraphFusedStep(FusedModule):
     def extra_repr(self) -> str:
         kind = "bn" if self.conv is None else "conv, bn"
         return ", ".join(p for p in (kind, super().extra_repr()) if p)
+
+
+class GraphFusedAddReLU(FusedModule):
+    """relu(a + b) as one add_act op when a and b are floating-point 4-D tensors of one shape and dtype;
+    otherwise (a broadcasting or mixed-dtype add) as PyTorch computes it."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if (a.shape == b.shape and a.dtype == b.dtype and a.dim() == 4 and a.is_floating_point()
+                and a.device == b.device):
+            return add_act(a, b, relu=True, backend=self.backend)
+        return torch.relu(a + b)
