@@ -77,3 +77,17 @@ def test_family_float32_training_step_within_pytorchs_error(name):
             assert torch.equal(buffers[key], buffer64), key
         else:
             _assert_parity(buffers[key], ref_buffers[key], buffer64, key)
+
+
+@pytest.mark.parametrize("name", family.MODELS)
+def test_family_export_eval(name):
+    """torch.export of the fused eval model: only the fused ops compute the BNs (none is left), same output."""
+    original = set_mode(build(name, torch.float32), "eval")
+    fused = rf.fuse(original)
+    x = torch.randn(1, 3, 64, 64)
+    exported = torch.export.export(fused, (x,))
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert not any("batch_norm" in target for target in targets)
+    with torch.no_grad():
+        _assert_parity(exported.module()(x), original(x), set_mode(build(name), "eval")(x.double()),
+                       "exported eval output")
