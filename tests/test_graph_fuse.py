@@ -216,3 +216,15 @@ def test_compile_fullgraph(mode):
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(compiled(x), original(x), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fused.state_dict(), original.state_dict(), rtol=1e-4, atol=1e-4)
+
+
+def test_pickle_round_trip(tmp_path):
+    original = randomize_bn(family.build("timm/resnetv2_50", num_classes=10)).double()
+    fused = rf.fuse(original, backend="reference")
+    torch.save(fused, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert [(n, type(m)) for n, m in loaded.named_modules()] == [(n, type(m)) for n, m in fused.named_modules()]
+    assert all(step.backend == "reference" for step in steps(loaded))
+    modules = {id(m) for m in loaded.modules()}
+    assert all(id(step.bn) in modules for step in steps(loaded))
+    assert_same(loaded, original, torch.randn(2, 3, 64, 64, dtype=torch.float64))

@@ -86,6 +86,27 @@ def _fuse_module(module: nn.Module, graphs: dict[bool, fx.Graph], backend, share
     return notes
 
 
+def rebuild_graph_fused(cls: type, state: dict) -> nn.Module:
+    """Unpickling a graph-fused module: the original class with the pickled state (its fused steps among its
+    children), traced and rewritten again onto those very steps."""
+    module = cls.__new__(cls)
+    module.__dict__.update(state)
+    children = dict(module.named_children())
+    steps = {(id(c.conv), id(c.bn)): name for name, c in children.items() if isinstance(c, GraphFusedStep)}
+    add_relu_name = next((name for name, c in children.items() if isinstance(c, GraphFusedAddReLU)), None)
+    graphs = trace_both_modes(module)
+    for graph in graphs.values():
+        remove_identities(module, graph)
+        matches, _, add_relus = find_matches(module, graph, shared=set())
+        key = lambda m: (id(module.get_submodule(m.conv.target)) if m.conv else id(None),  # noqa: E731
+                         id(module.get_submodule(m.bn.target)))
+        kept = [m for m in matches if key(m) in steps]  # those fused before (the model's sharing is not known here)
+        rewrite(graph, kept, {m.bn: steps[key(m)] for m in kept}, add_relus if add_relu_name else [], add_relu_name)
+        graph.lint()
+    install(module, graphs)
+    return module
+
+
 def _free_name(module: nn.Module, name: str) -> str:
     candidate, i = name, 1
     while hasattr(module, candidate):

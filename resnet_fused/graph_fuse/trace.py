@@ -7,6 +7,7 @@ is seen. Each module that holds a pattern is rewritten on its own, one at a time
 Training branches are baked into a trace (`if self.training`, `F.dropout(training=self.training)`), so
 the module is traced in both modes and runs the graph of its current mode.
 """
+import copy
 import sys
 
 from torch import fx, nn
@@ -67,8 +68,22 @@ def fused_class(cls: type) -> type:
         def forward(self, *args, **kwargs):
             return self._rf_graph_forwards[self.training](self, *args, **kwargs)
 
+        def __deepcopy__(self, memo):  # what deepcopy does by default, without pickle's __reduce_ex__ below
+            new = type(self).__new__(type(self))
+            memo[id(self)] = new
+            new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+            return new
+
+        def __reduce_ex__(self, protocol):
+            # This class is made at run time, so pickle cannot find it by name, nor the generated forwards:
+            # pickle an instance of the original class, and rewrite it again on load with the same steps.
+            from . import rebuild_graph_fused
+            state = {k: v for k, v in self.__dict__.items() if k != "_rf_graph_forwards"}
+            return rebuild_graph_fused, (cls, state)
+
         _FUSED_CLASSES[cls] = type(f"GraphFused{cls.__name__}", (cls,),
-                                   {"forward": forward, "__module__": cls.__module__,
+                                   {"forward": forward, "__deepcopy__": __deepcopy__, "__reduce_ex__": __reduce_ex__,
+                                    "__module__": cls.__module__,
                                     "__doc__": f"{cls.__name__} whose forward runs its conv/BN patterns fused "
                                                f"(resnet_fused.fuse).\n\n{cls.__doc__ or ''}"})
     return _FUSED_CLASSES[cls]
