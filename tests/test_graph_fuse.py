@@ -228,3 +228,10 @@ def test_pickle_round_trip(tmp_path):
     modules = {id(m) for m in loaded.modules()}
     assert all(id(step.bn) in modules for step in steps(loaded))
     assert_same(loaded, original, torch.randn(2, 3, 64, 64, dtype=torch.float64))
+
+
+def test_wrapped_model_is_fused_inside():
+    original = nn.DataParallel(randomize_bn(TrainingBranch()).double())  # a wrapper: its module is visited
+    fused, report = rf.fuse(original, report=True)
+    assert type(fused) is nn.DataParallel and report.notes["eval"] == {"module.bn": "fused (conv+bn+relu)"}
+    assert_same(fused, original, torch.randn(2, 4, 6, 6, dtype=torch.float64), modes=("eval",))

@@ -25,14 +25,15 @@ class ShallowTracer(fx.Tracer):
 
 
 def is_container(module: nn.Module) -> bool:
-    """ModuleList and ModuleDict have no forward: nothing to trace, but their children are visited."""
-    return type(module) in (nn.ModuleList, nn.ModuleDict)
+    """Not traced, but their children are visited: ModuleList and ModuleDict (no forward), and PyTorch's
+    wrappers (DataParallel, DistributedDataParallel), whose forward is not the model's computation."""
+    return type(module) in (nn.ModuleList, nn.ModuleDict) or type(module).__module__.startswith("torch.nn.parallel")
 
 
 def is_atomic(module: nn.Module) -> bool:
     """Modules never traced themselves, nor their children: PyTorch's own layers and timm's untraceable ones."""
-    if type(module).__module__.startswith("torch.nn.") and type(module) not in (nn.Sequential, nn.ModuleList,
-                                                                                  nn.ModuleDict):
+    if type(module).__module__.startswith("torch.nn.modules.") and type(module) not in (
+            nn.Sequential, nn.ModuleList, nn.ModuleDict):
         return True
     timm_fx = sys.modules.get("timm.layers._fx")
     return timm_fx is not None and type(module) in timm_fx.get_notrace_modules()
