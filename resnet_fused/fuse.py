@@ -4,10 +4,9 @@ their class, then the graph pass (resnet_fused.graph_fuse) for every other conv 
 import copy
 import sys
 
-import torch.distributed as dist
 from torch import nn
 
-from .graph_fuse import FuseReport, fuse_graphs
+from .graph_fuse import FuseReport, fuse_graphs, sync_group
 from .models.resnet import ResNet
 from .nn.blocks import BasicBlock, Bottleneck
 from .nn.fused import FusedModule, init_fused_state, is_fusable_conv, is_fusable_norm
@@ -102,16 +101,5 @@ def _fused_copy(module: nn.Module, cls: type, names: tuple[str, ...], backend: s
     fused.__dict__.update({k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
     init_fused_state(fused, backend)
     fused.plain = False
-    fused.process_group = _sync_group([getattr(module, n) for n in names[1::2]])
+    fused.process_group = sync_group([getattr(module, n) for n in names[1::2]])
     return fused
-
-
-def _sync_group(norms):
-    """The group a SyncBatchNorm synchronizes across (its own, else the default one), or None."""
-    for norm in norms:
-        if isinstance(norm, nn.SyncBatchNorm):
-            if norm.process_group is not None:
-                return norm.process_group
-            if dist.is_available() and dist.is_initialized():
-                return dist.group.WORLD
-    return None

@@ -235,3 +235,15 @@ def test_wrapped_model_is_fused_inside():
     fused, report = rf.fuse(original, report=True)
     assert type(fused) is nn.DataParallel and report.notes["eval"] == {"module.bn": "fused (conv+bn+relu)"}
     assert_same(fused, original, torch.randn(2, 4, 6, 6, dtype=torch.float64), modes=("eval",))
+
+
+def test_synchronized_batch_norm():
+    """A SyncBatchNorm keeps its group in its fused step; rf.nn.convert_sync_batchnorm gives the steps the group
+    and leaves the BN layers they compute as they are (a stand-in group: nothing runs across processes here)."""
+    group = object()
+    original = ConvOutputReused()
+    original.bn = nn.SyncBatchNorm(4, process_group=group)
+    assert [step.process_group for step in steps(rf.fuse(original, inplace=True))] == [group]
+    fused = rf.fuse(TrainingBranch())
+    converted = rf.nn.convert_sync_batchnorm(fused, process_group=group)
+    assert type(converted.bn) is nn.BatchNorm2d and [step.process_group for step in steps(converted)] == [group]

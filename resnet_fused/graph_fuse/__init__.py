@@ -15,10 +15,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..nn.fused import FusedModule
 from .match import find_matches, remove_identities, rewrite
 from .report import FuseReport
-from .step import GraphFusedAddReLU, GraphFusedStep
+from .step import GraphFusedAddReLU, GraphFusedStep, sync_group
 from .trace import install, is_atomic, is_container, is_graph_fused, trace_both_modes
 
-__all__ = ["FuseReport", "GraphFusedAddReLU", "GraphFusedStep", "fuse_graphs"]
+__all__ = ["FuseReport", "GraphFusedAddReLU", "GraphFusedStep", "fuse_graphs", "sync_group"]
 
 _MODE_NAMES = {True: "train", False: "eval"}
 

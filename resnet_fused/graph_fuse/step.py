@@ -7,6 +7,7 @@ they are, under their own names), so parameters, buffers and state_dict keys do 
 state of its own besides FusedModule's fold cache.
 """
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..ops import add_act, bn_act
@@ -23,6 +24,17 @@ def _conv_output_shape(x: torch.Tensor, conv: nn.Conv2d) -> tuple:
     return (x.shape[0], conv.out_channels, *spatial)
 
 
+def sync_group(norms):
+    """The group a SyncBatchNorm among `norms` synchronizes across (its own, else the default one), or None."""
+    for norm in norms:
+        if isinstance(norm, nn.SyncBatchNorm):
+            if norm.process_group is not None:
+                return norm.process_group
+            if dist.is_available() and dist.is_initialized():
+                return dist.group.WORLD
+    return None
+
+
 class GraphFusedStep(FusedModule):
     """act(bn(conv(x)) + residual) for one conv + BN pair of a graph (conv may be None: act(bn(x) + residual)).
 
@@ -32,6 +44,7 @@ class GraphFusedStep(FusedModule):
     def __init__(self, conv: nn.Conv2d | None, bn: nn.Module, backend: str | None = None):
         super().__init__(backend)
         self._targets = (conv, bn)  # a tuple: not registered, so no new state_dict keys
+        self.process_group = sync_group([bn])  # a SyncBatchNorm keeps synchronizing
 
     @property
     def conv(self) -> nn.Conv2d | None:
