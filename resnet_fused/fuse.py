@@ -43,8 +43,8 @@ def fuse(model: nn.Module, backend: str | None = None, inplace: bool = False,
     if not inplace:
         model = copy.deepcopy(model)
     model = _convert(model, backend, low_memory, _known_classes())
-    notes = fuse_graphs(model, backend)
-    return (model, notes) if report else model
+    what_was_fused = fuse_graphs(model, backend)
+    return (model, what_was_fused) if report else model
 
 
 def _known_classes() -> dict[type, tuple]:
