@@ -14,8 +14,9 @@ from tqdm import tqdm
 
 import resnet_fused as rf
 
-from . import bn, conv, memory, models, overhead, plots, report, traffic
+from . import bn, conv, family, memory, models, overhead, plots, report, traffic
 from .ceilings import measure_ceilings
+from resnet_fused.family import MODELS as FAMILY_MODELS
 from resnet_fused.shapes import RESNET18_CONVS, RESNET50_CONVS
 
 # --quick: one shape of each kind; at a quarter of the resolution on a GPU, at full resolution on a CPU, where
@@ -26,7 +27,7 @@ CONV_SHAPES = RESNET50_CONVS + RESNET18_CONVS  # ResNet-50's first: the targets 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-OPS = ("conv", "bn", "overhead", "memory", "models", "traffic")
+OPS = ("conv", "bn", "overhead", "memory", "models", "traffic", "family")  # family: only when asked for (16 models)
 
 
 def default_backends(op: str, device: torch.device) -> list[str]:
@@ -44,7 +45,7 @@ def default_backends(op: str, device: torch.device) -> list[str]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="which comparisons to run")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS[:-1]), help="which comparisons to run")
     parser.add_argument("--quick", action="store_true",
                         help="a few op shapes at batch 2 (a quarter of the resolution on a GPU), and the models without "
                              "torch.compile: about three minutes on a 2-core CPU")
@@ -61,6 +62,8 @@ def parse_args(argv=None):
                              "the ops' default choice)")
     parser.add_argument("--models", nargs="+", choices=models.DEPTHS,
                         help="ResNets for the model-level comparison (default: resnet50 on a GPU, resnet18 on a CPU)")
+    parser.add_argument("--family-models", nargs="+", choices=FAMILY_MODELS, default=list(FAMILY_MODELS),
+                        help="models for --ops family: each as built against rf.fuse of it")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="model level: also time each eager and fused model replayed from a CUDA graph")
     parser.add_argument("--image-size", type=int,
@@ -132,6 +135,11 @@ def main(argv=None) -> int:
                     depth, model_batch, image_size, dtype, device, compile_modes, args.min_run_time,
                     backends=args.backends or [None], cuda_graphs=args.cuda_graphs,
                     train_size=image_size // 2 if cpu else None)))
+        if "family" in args.ops:
+            image_size = args.image_size or (64 if args.quick else 224)
+            for name in args.family_models:
+                jobs.append((name + label, lambda name=name, dtype=dtype: family.run_family_model(
+                    name, batch, image_size, dtype, device, args.min_run_time, backend=(args.backends or [None])[0])))
 
     rows = []
     for name, job in tqdm(jobs, desc="shapes", disable=len(jobs) < 2):

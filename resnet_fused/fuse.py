@@ -1,18 +1,19 @@
-"""rf.fuse: turns an existing torchvision or timm ResNet (or any model holding their blocks) into the
-fused one, keeping its very parameters and buffers."""
+"""rf.fuse: turns an existing model (torchvision's and timm's ResNets and their relatives, or any model
+holding their blocks) into the fused one, keeping its very parameters and buffers: first the blocks known by
+their class, then the graph pass (resnet_fused.graph_fuse) for every other conv + BN pattern."""
 import copy
 import sys
 
-import torch.distributed as dist
 from torch import nn
 
+from .graph_fuse import FuseReport, fuse_graphs, sync_group
 from .models.resnet import ResNet
 from .nn.blocks import BasicBlock, Bottleneck
 from .nn.fused import FusedModule, init_fused_state, is_fusable_conv, is_fusable_norm
 
 
 def fuse(model: nn.Module, backend: str | None = None, inplace: bool = False,
-         low_memory: bool | None = None) -> nn.Module:
+         low_memory: bool | None = None, report: bool = False) -> nn.Module | tuple[nn.Module, FuseReport]:
     """Returns `model` with every block it knows replaced by its fused counterpart:
 
     - torchvision.models.resnet.BasicBlock / Bottleneck -> rf.nn.BasicBlock / Bottleneck;
@@ -27,6 +28,13 @@ def fuse(model: nn.Module, backend: str | None = None, inplace: bool = False,
     keys and hooks stay; a block with SyncBatchNorm keeps synchronizing across its process group.
     `backend` is set on every fused module (existing ones included when it is not None); `low_memory` on
     every fused Bottleneck (see rf.nn.Bottleneck; existing ones included when it is not None).
+
+    Then the graph pass fuses conv -> BN [-> + residual] [-> ReLU] and BN [-> + residual] -> ReLU wherever
+    else they occur (SE/ECA/SK blocks, pre-activation blocks, deep stems, torchvision's Conv2dNormActivation,
+    ...): each module holding such a pattern is traced with torch.fx and becomes an instance of a subclass of
+    its class whose forward runs the fused graph (resnet_fused.graph_fuse). Patterns it cannot prove safe are
+    left alone; `report=True` returns `(model, FuseReport)`, which says for every BatchNorm layer, in
+    training and in eval, whether it was fused and why not.
     `inplace=False` converts a deep copy; with `inplace=True` the children are replaced in place,
     but a replaced root is a new object: use the returned model.
     """
@@ -34,7 +42,9 @@ def fuse(model: nn.Module, backend: str | None = None, inplace: bool = False,
         raise TypeError(f"fuse: model must be a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    return _convert(model, backend, low_memory, _known_classes())
+    model = _convert(model, backend, low_memory, _known_classes())
+    what_was_fused = fuse_graphs(model, backend)
+    return (model, what_was_fused) if report else model
 
 
 def _known_classes() -> dict[type, tuple]:
@@ -91,16 +101,5 @@ def _fused_copy(module: nn.Module, cls: type, names: tuple[str, ...], backend: s
     fused.__dict__.update({k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
     init_fused_state(fused, backend)
     fused.plain = False
-    fused.process_group = _sync_group([getattr(module, n) for n in names[1::2]])
+    fused.process_group = sync_group([getattr(module, n) for n in names[1::2]])
     return fused
-
-
-def _sync_group(norms):
-    """The group a SyncBatchNorm synchronizes across (its own, else the default one), or None."""
-    for norm in norms:
-        if isinstance(norm, nn.SyncBatchNorm):
-            if norm.process_group is not None:
-                return norm.process_group
-            if dist.is_available() and dist.is_initialized():
-                return dist.group.WORLD
-    return None

@@ -66,14 +66,15 @@ def test_fuse_timm(name, mode):
     original = set_mode(randomize_bn(timm.create_model(name, pretrained=False, num_classes=10)).double(), mode)
     reference = copy.deepcopy(original)
     fused = rf.fuse(original)
-    assert type(fused) is type(original)  # timm's model class (its stem, pooling, head) stays
+    # timm's model class (its pooling, head, methods) stays: the graph pass fuses its stem in a subclass
+    assert type(fused).__bases__ == (type(original),)
     assert not library_blocks(fused) and fused_blocks(fused)
     x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
     assert_same_step(fused, reference, x, steps=2 if mode == "train" else 1)
 
 
-def test_fuse_leaves_unknown_modules_alone():
-    class MyBlock(TV.BasicBlock):  # a subclass may change forward: not converted
+def test_fuse_converts_known_blocks_and_graph_fuses_the_rest():
+    class MyBlock(TV.BasicBlock):  # a subclass may change forward: not converted by class, fused by graph
         pass
 
     frozen = TV.BasicBlock(4, 4, norm_layer=torchvision.ops.FrozenBatchNorm2d)  # not a BatchNorm2d
@@ -81,9 +82,13 @@ def test_fuse_leaves_unknown_modules_alone():
     swish = TIMM.BasicBlock(4, 4, act_layer=nn.SiLU)
     ordinary = TV.BasicBlock(4, 4)
     model = nn.Sequential(MyBlock(4, 4), frozen, nn.Conv2d(4, 64, 1), se, nn.Conv2d(64, 4, 1), swish, ordinary)
-    fused = rf.fuse(model)
-    assert [type(m) for m in fused] == [MyBlock, TV.BasicBlock, nn.Conv2d, TIMM.BasicBlock, nn.Conv2d,
-                                        TIMM.BasicBlock, rf.nn.BasicBlock]
+    fused, report = rf.fuse(model, report=True)
+    assert [type(m).__bases__ for m in fused[0:6:3]] == [(MyBlock,), (TIMM.BasicBlock,)]
+    assert type(fused[5]).__bases__ == (TIMM.BasicBlock,)
+    # FrozenBatchNorm2d is no BatchNorm layer: only the block's final add + ReLU is fused
+    assert [type(m) for m in fused[1].children()][-1] is rf.graph_fuse.GraphFusedAddReLU
+    assert type(fused[6]) is rf.nn.BasicBlock
+    assert not any(path.startswith("1.") for path in report.fused("eval"))  # FrozenBatchNorm2d: not a BN
     x = torch.randn(2, 4, 8, 8)
     model.eval(), fused.eval()
     with torch.no_grad():

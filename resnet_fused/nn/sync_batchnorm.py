@@ -34,6 +34,9 @@ def _convert(module: nn.Module, process_group, fused_norms: set[int]) -> nn.Modu
     if isinstance(module, FusedModule):
         module.process_group = process_group
         fused_norms = fused_norms | {id(norm) for norm in module._fused_norms()}
+    # rf.fuse's graph pass puts a module's fused steps beside the BN layers they compute
+    fused_norms = fused_norms | {id(norm) for child in module.children() if isinstance(child, FusedModule)
+                                 for norm in child._fused_norms()}
     for name, child in module.named_children():
         new = _convert(child, process_group, fused_norms)
         if new is not child:

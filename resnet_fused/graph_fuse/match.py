@@ -1,0 +1,194 @@
+"""Finding conv -> BN [-> + residual] [-> ReLU] and BN [-> + residual] -> ReLU in a torch.fx graph, and
+replacing each by one call of a GraphFusedStep.
+
+Only what can be proven safe from the graph is fused: the conv output (the BN input) and each value the
+fused step swallows have no other user, the conv and BN modules are called once in the graph and appear
+once in the model (a module called elsewhere must keep computing alone), and none of the modules whose
+call disappears has hooks (they would no longer run). Every BN met gets a note: how it was fused, or why not.
+"""
+import operator
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..nn.fused import is_fusable_conv, is_fusable_norm
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
+_RELU_METHODS = {"relu", "relu_"}
+
+
+@dataclass
+class Match:
+    bn: fx.Node
+    conv: fx.Node | None
+    add: fx.Node | None
+    residual: fx.Node | None
+    relu: fx.Node | None
+    relu_in_bn: bool  # timm's BatchNormAct2d with a ReLU: the ReLU is part of the BN module
+
+    @property
+    def last(self) -> fx.Node:
+        return self.relu or self.add or self.bn
+
+    def describe(self) -> str:
+        parts = (["conv"] if self.conv else []) + ["bn"] + (["add"] if self.add else [])
+        return "+".join(parts + (["relu"] if self.relu or self.relu_in_bn else []))
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _batch_norm_act_class():
+    norm_act = sys.modules.get("timm.layers.norm_act")
+    return None if norm_act is None else norm_act.BatchNormAct2d
+
+
+def norm_kind(module: nn.Module) -> tuple[bool, bool, str]:
+    """(fusable, has its own ReLU, reason when not fusable) for a BN-like module."""
+    if is_fusable_norm(module):
+        return True, False, ""
+    if type(module) is _batch_norm_act_class():
+        if type(module.drop) is not nn.Identity or _has_hooks(module.drop) or _has_hooks(module.act):
+            return False, False, "BatchNormAct2d with a drop layer or hooks on its parts"
+        if type(module.act) is nn.ReLU:
+            return True, True, ""
+        if type(module.act) is nn.Identity:
+            return True, False, ""
+        return False, False, f"BatchNormAct2d with a {type(module.act).__name__} activation (only ReLU fuses)"
+    return False, False, f"{type(module).__name__} is not BatchNorm2d, SyncBatchNorm or timm's BatchNormAct2d"
+
+
+def _module(root: nn.Module, node: fx.Node) -> nn.Module | None:
+    return root.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _is_relu(root: nn.Module, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        module = _module(root, node)
+        return type(module) is nn.ReLU and not _has_hooks(module)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and len(node.args) == 1
+    return node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1 and not node.kwargs
+
+
+def _residual_of(add: fx.Node, value: fx.Node) -> fx.Node | None:
+    """The other operand of `value + other` (a tensor-valued node), or None if add is not such an add.
+    An in-place add must write into `value` (which the fused step replaces), not into the other operand."""
+    if add.op != "call_function" or add.target not in _ADDS or len(add.args) != 2 or add.kwargs:
+        return None
+    a, b = add.args
+    other = b if a is value else a if b is value and add.target is not operator.iadd else None
+    return other if isinstance(other, fx.Node) and other is not value else None
+
+
+def remove_identities(root: nn.Module, graph: fx.Graph) -> None:
+    """nn.Identity calls (timm's disabled drop_block, aa, drop layers) would hide a BN's ReLU: drop them."""
+    for node in list(graph.nodes):
+        module = _module(root, node)
+        if type(module) is nn.Identity and not _has_hooks(module) and len(node.args) == 1 and not node.kwargs:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
+def find_matches(root: nn.Module, graph: fx.Graph, shared: set[int]):
+    """(the BN patterns of `graph` (traced from `root`), a note per BN call by module path, the add -> ReLU
+    pairs no BN pattern took)."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    matches, notes, claimed = [], {}, set()  # claimed: adds and ReLUs already inside a match
+    for node in graph.nodes:
+        module = _module(root, node)
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        fusable, relu_in_bn, reason = norm_kind(module)
+        if fusable and (calls[node.target] > 1 or id(module) in shared):
+            fusable, reason = False, "the BN module is called more than once"
+        elif fusable and _has_hooks(module):
+            fusable, reason = False, "the BN module has hooks"
+        elif fusable and (len(node.args) != 1 or node.kwargs):
+            fusable, reason = False, "called with more than one argument"
+        if not fusable:
+            notes[node.target] = reason
+            continue
+        match = Match(node, _fusable_conv(root, node.args[0], node, calls, shared), None, None, None, relu_in_bn)
+        if not relu_in_bn:
+            user = _only_user(node)
+            residual = None if user is None else _residual_of(user, node)
+            if residual is not None and user not in claimed:
+                match.add, match.residual = user, residual
+            user = _only_user(match.last)
+            if user is not None and user not in claimed and _is_relu(root, user) and user.args[0] is match.last:
+                match.relu = user
+            claimed.update(n for n in (match.add, match.relu) if n is not None)
+        if match.conv is None and match.add is None and match.relu is None and not relu_in_bn:
+            notes[node.target] = f"a BN alone: {_why_no_conv(root, node.args[0], calls, shared)}, no add or ReLU after it"
+            continue
+        notes[node.target] = f"fused ({match.describe()})"
+        matches.append(match)
+    return matches, notes, _add_relu_matches(root, graph, claimed)
+
+
+def _add_relu_matches(root: nn.Module, graph: fx.Graph, claimed: set) -> list[tuple[fx.Node, fx.Node]]:
+    """(add, relu) pairs left over by the BN matches: a + b whose only user is a ReLU of it."""
+    pairs = []
+    for node in graph.nodes:
+        if (node.op != "call_function" or node.target not in (operator.add, torch.add) or len(node.args) != 2
+                or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args) or node in claimed):
+            continue
+        user = _only_user(node)
+        if user is not None and user not in claimed and _is_relu(root, user) and user.args[0] is node:
+            pairs.append((node, user))
+    return pairs
+
+
+def _fusable_conv(root, node, bn: fx.Node, calls, shared) -> fx.Node | None:
+    if not isinstance(node, fx.Node) or _why_no_conv(root, node, calls, shared) is not None:
+        return None
+    return node if list(node.users) == [bn] else None
+
+
+def _why_no_conv(root, node, calls, shared) -> str | None:
+    module = _module(root, node) if isinstance(node, fx.Node) else None
+    if module is None or not isinstance(module, nn.Conv2d):
+        return "its input is not a conv's output"
+    if not is_fusable_conv(module):
+        return f"its conv is a {type(module).__name__} with padding_mode={module.padding_mode!r}"
+    if calls[node.target] > 1 or id(module) in shared:
+        return "its conv module is called more than once"
+    if _has_hooks(module):
+        return "its conv has hooks"
+    if len(node.users) > 1:
+        return "the conv output has another user"
+    return None
+
+
+def rewrite(graph: fx.Graph, matches: list[Match], step_names: dict[fx.Node, str], add_relus, add_relu_name) -> None:
+    """Each match becomes one call_module of its step, step(x, residual, relu); each add -> ReLU pair one
+    call of the module named add_relu_name."""
+    for add, relu in add_relus:
+        with graph.inserting_before(relu):
+            fused = graph.call_module(add_relu_name, add.args)
+        relu.replace_all_uses_with(fused)
+        graph.erase_node(relu)
+        graph.erase_node(add)
+    for match in matches:
+        source = match.conv or match.bn
+        with graph.inserting_before(match.last):
+            fused = graph.call_module(step_names[match.bn], (source.args[0], match.residual,
+                                                             match.relu is not None or match.relu_in_bn))
+        match.last.replace_all_uses_with(fused)
+        for node in (match.relu, match.add, match.bn, match.conv):
+            if node is not None:
+                graph.erase_node(node)

@@ -1,0 +1,87 @@
+"""The fused modules that replace one conv -> BN [-> + residual] [-> ReLU] (or BN [-> + residual] -> ReLU)
+pattern found in a module's graph, and one add -> ReLU of two values no BN step could take (the tail of an
+SE/ECA block: conv3 -> BN3 -> gate, then + shortcut -> ReLU).
+
+It holds references to the model's own conv and BN modules without registering them (they stay where
+they are, under their own names), so parameters, buffers and state_dict keys do not change; it has no
+state of its own besides FusedModule's fold cache.
+"""
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..ops import add_act, bn_act
+from ..nn.fused import FusedModule, _cast, _trains, compute_dtype
+
+
+def _conv_output_shape(x: torch.Tensor, conv: nn.Conv2d) -> tuple:
+    if conv.padding == "same":
+        spatial = tuple(x.shape[2:])
+    else:
+        padding = (0, 0) if conv.padding == "valid" else conv.padding
+        spatial = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
+                        zip(x.shape[2:], padding, conv.dilation, conv.kernel_size, conv.stride))
+    return (x.shape[0], conv.out_channels, *spatial)
+
+
+def sync_group(norms):
+    """The group a SyncBatchNorm among `norms` synchronizes across (its own, else the default one), or None."""
+    for norm in norms:
+        if isinstance(norm, nn.SyncBatchNorm):
+            if norm.process_group is not None:
+                return norm.process_group
+            if dist.is_available() and dist.is_initialized():
+                return dist.group.WORLD
+    return None
+
+
+class GraphFusedStep(FusedModule):
+    """act(bn(conv(x)) + residual) for one conv + BN pair of a graph (conv may be None: act(bn(x) + residual)).
+
+    `relu` and whether there is a residual are arguments of the call, fixed by the graph that calls it.
+    A residual of another shape than the BN output (a broadcasting add) is added outside the op."""
+
+    def __init__(self, conv: nn.Conv2d | None, bn: nn.Module, backend: str | None = None):
+        super().__init__(backend)
+        self._targets = (conv, bn)  # a tuple: not registered, so no new state_dict keys
+        self.process_group = sync_group([bn])  # a SyncBatchNorm keeps synchronizing
+
+    @property
+    def conv(self) -> nn.Conv2d | None:
+        return self._targets[0]
+
+    @property
+    def bn(self) -> nn.Module:
+        return self._targets[1]
+
+    def _fused_norms(self):
+        return [self.bn]
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
+        conv, bn = self._targets
+        if residual is not None:
+            shape = tuple(x.shape) if conv is None else _conv_output_shape(x, conv)
+            if tuple(residual.shape) != shape:
+                y = self.forward(x, None, relu=False) + residual
+                return torch.relu(y) if relu else y
+        if conv is not None:
+            return self._conv_bn("conv", x, conv, bn, residual, relu)
+        if _trains(bn):
+            return self._batch_norm(x, bn, _cast(residual, compute_dtype(x)), relu)
+        return bn_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual, training=False,
+                      eps=bn.eps, relu=relu, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        kind = "bn" if self.conv is None else "conv, bn"
+        return ", ".join(p for p in (kind, super().extra_repr()) if p)
+
+
+class GraphFusedAddReLU(FusedModule):
+    """relu(a + b) as one add_act op when a and b are floating-point 4-D tensors of one shape and dtype;
+    otherwise (a broadcasting or mixed-dtype add) as PyTorch computes it."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if (a.shape == b.shape and a.dtype == b.dtype and a.dim() == 4 and a.is_floating_point()
+                and a.device == b.device):
+            return add_act(a, b, relu=True, backend=self.backend)
+        return torch.relu(a + b)

@@ -1,0 +1,249 @@
+"""The graph pass of rf.fuse (resnet_fused.graph_fuse): what it fuses, what it must leave alone (and says
+why), and the model-level guarantees: state_dict round trips, fusing twice, inplace=False, both modes,
+torch.compile and torch.export."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_nn import randomize_bn, set_mode
+from torch import nn
+
+import resnet_fused as rf
+from resnet_fused import family
+from resnet_fused.graph_fuse import GraphFusedAddReLU, GraphFusedStep
+
+timm = pytest.importorskip("timm")
+
+
+def steps(model):
+    return [m for m in model.modules() if isinstance(m, GraphFusedStep)]
+
+
+def assert_same(fused, original, x, modes=("eval", "train")):
+    """Outputs (and, in training, running statistics) equal in float64; the two models stay independent."""
+    for mode in modes:
+        set_mode(fused, mode), set_mode(original, mode)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), original(x), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(fused.state_dict(), original.state_dict(), rtol=1e-9, atol=1e-9)
+
+
+class ConvBN(nn.Module):
+    def __init__(self, channels=4, padding_mode="zeros"):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False, padding_mode=padding_mode)
+        self.bn = nn.BatchNorm2d(channels)
+
+
+class ConvOutputReused(ConvBN):
+    def forward(self, x):
+        y = self.conv(x)
+        return F.relu(self.bn(y)) + y  # the conv output has a second user: only BN + ReLU fuse
+
+
+class BNOutputReused(ConvBN):
+    def forward(self, x):
+        z = self.bn(self.conv(x))
+        return torch.relu(z) * z  # the BN output has a second user: conv + BN fuse, the ReLU stays
+
+
+class ReflectPadding(ConvBN):
+    def __init__(self):
+        super().__init__(padding_mode="reflect")
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).relu()
+
+
+class SharedConv(ConvBN):
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x))) + self.conv(x)  # one conv module, two calls
+
+
+class BroadcastResidual(ConvBN):
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)) + x.mean((2, 3), keepdim=True))  # fused, added outside the op
+
+
+class DataDependent(ConvBN):
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y.relu() if x.sum() > 0 else y  # control flow on a tensor: torch.fx cannot trace it
+
+
+class TrainingBranch(ConvBN):
+    def forward(self, x):
+        return F.dropout(F.relu(self.bn(self.conv(x))), 0.5, training=self.training)
+
+
+@pytest.mark.parametrize("module,eval_note", [
+    (ConvOutputReused, "fused (bn+relu)"),
+    (BNOutputReused, "fused (conv+bn)"),
+    (ReflectPadding, "fused (bn+relu)"),
+    (SharedConv, "fused (bn+relu)"),
+    (BroadcastResidual, "fused (conv+bn+add+relu)"),
+])
+def test_fuses_only_what_is_safe(module, eval_note):
+    original = randomize_bn(module()).double()
+    fused, report = rf.fuse(original, report=True)
+    assert report.notes["eval"] == {"bn": eval_note} and report.notes["train"] == {"bn": eval_note}
+    assert [step.conv is not None for step in steps(fused)] == ["conv+" in eval_note]
+    assert_same(fused, original, torch.randn(2, 4, 6, 6, dtype=torch.float64))
+
+
+class GatedTail(ConvBN):
+    """The tail of an SE block: conv -> BN -> gate, then + shortcut -> ReLU; and a broadcasting add -> ReLU."""
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        y = y * torch.sigmoid(y.mean((2, 3), keepdim=True))
+        return F.relu(y + x), torch.relu(x + x.mean((2, 3), keepdim=True))
+
+
+def test_add_relu_after_a_gate():
+    original = randomize_bn(GatedTail()).double()
+    fused, report = rf.fuse(original, report=True, backend="cpu" if "cpu" in rf.available_backends() else None)
+    assert report.notes["eval"] == {"bn": "fused (conv+bn)"}
+    assert len([m for m in fused.modules() if isinstance(m, GraphFusedAddReLU)]) == 1
+    code = fused._rf_graph_forwards[False].__code__
+    assert "fused_add_relu" in code.co_names and "relu" not in code.co_names  # both add -> ReLU pairs taken
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    for mode in ("eval", "train"):
+        set_mode(fused, mode), set_mode(original, mode)
+        with torch.no_grad():
+            for a, b in zip(fused(x), original(x)):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_bn_alone_and_hooks_are_left_alone():
+    class BNAlone(ConvBN):
+        def forward(self, x):
+            return self.bn(x) * 2
+
+    class Hooked(ConvBN):
+        def forward(self, x):
+            return F.relu(self.bn(self.conv(x)))
+
+    hooked = Hooked()
+    hooked.bn.register_forward_hook(lambda *args: None)
+    for model, reason in ((BNAlone(), "a BN alone"), (hooked, "the BN module has hooks")):
+        fused, report = rf.fuse(model, report=True)
+        assert type(fused) is type(model) and not steps(fused)
+        assert report.coverage("eval") == 0 and report.not_fused("eval")["bn"].startswith(reason)
+
+
+def test_untraceable_module_is_left_alone_and_reported():
+    original = nn.Sequential(randomize_bn(BNOutputReused()), randomize_bn(DataDependent())).double()
+    fused, report = rf.fuse(original, report=True)
+    assert type(fused[1]) is DataDependent and list(report.untraceable) == ["1"]
+    assert "torch.fx cannot trace" in report.not_fused("eval")["1.bn"]
+    assert "1.bn" in str(report)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    assert_same(fused, original, x)
+    assert_same(fused, original, -x.abs())
+
+
+def test_training_branches_follow_the_mode():
+    original = randomize_bn(TrainingBranch()).double()
+    fused = rf.fuse(original)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    for mode in ("train", "eval", "train"):
+        torch.manual_seed(1)
+        expected = set_mode(original, mode)(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(set_mode(fused, mode)(x), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_model_keeps_class_methods_and_state_dict():
+    original = randomize_bn(timm.create_model("seresnet50", pretrained=False, num_classes=10)).double()
+    fused = rf.fuse(original)
+    assert isinstance(fused, type(original)) and type(fused).__bases__ == (type(original),)
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in original.named_parameters()]
+    assert [n for n, _ in fused.named_buffers()] == [n for n, _ in original.named_buffers()]
+    fused.reset_classifier(7)
+    assert fused.get_classifier().out_features == 7
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    set_mode(fused, "eval"), set_mode(original, "eval")
+    with torch.no_grad():  # forward_features is the original method: it calls the fused blocks
+        torch.testing.assert_close(fused.forward_features(x), original.forward_features(x), rtol=1e-9, atol=1e-9)
+
+
+def test_state_dict_round_trips():
+    torch.manual_seed(0)
+    original = family.build("timm/skresnet18", num_classes=10).double()
+    fused = rf.fuse(original)
+    randomize_bn(fused)  # new values, written into the fused model...
+    unfused = family.build("timm/skresnet18", num_classes=10).double()
+    unfused.load_state_dict(fused.state_dict())  # ...load into an unfused one,
+    again = rf.fuse(family.build("timm/skresnet18", num_classes=10)).double()
+    again.load_state_dict(unfused.state_dict())  # and back into a fused one
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    assert_same(again, copy.deepcopy(unfused), x)
+    assert_same(fused, unfused, x)
+
+
+def test_fusing_twice_changes_nothing_and_inplace_false_copies():
+    original = randomize_bn(family.build("timm/resnetv2_50", num_classes=10)).double()
+    before = {name: (type(m), sorted(m.__dict__)) for name, m in original.named_modules()}
+    fused, report = rf.fuse(original, report=True)
+    assert {name: (type(m), sorted(m.__dict__)) for name, m in original.named_modules()} == before
+    assert not steps(original)
+    twice, report_twice = rf.fuse(fused, report=True)
+    assert report_twice.notes == report.notes
+    assert [(n, type(m)) for n, m in twice.named_modules()] == [(n, type(m)) for n, m in fused.named_modules()]
+    assert rf.fuse(fused, inplace=True) is fused
+    assert_same(twice, original, torch.randn(2, 3, 64, 64, dtype=torch.float64))
+
+
+def test_deepcopy_and_conversions_keep_steps_on_their_own_modules():
+    original = randomize_bn(family.build("timm/ecaresnet50d", num_classes=10))
+    fused = rf.fuse(original)
+    copied = copy.deepcopy(fused).double()
+    modules = {id(m) for m in copied.modules()}
+    assert all(id(step.bn) in modules and (step.conv is None or id(step.conv) in modules) for step in steps(copied))
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.zero_()  # the copy does not share them
+    assert_same(copied, original.double(), torch.randn(2, 3, 64, 64, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_compile_fullgraph(mode):
+    original = set_mode(randomize_bn(family.build("timm/skresnet18", num_classes=10)), mode)
+    fused = rf.fuse(original)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(compiled(x), original(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.state_dict(), original.state_dict(), rtol=1e-4, atol=1e-4)
+
+
+def test_pickle_round_trip(tmp_path):
+    original = randomize_bn(family.build("timm/resnetv2_50", num_classes=10)).double()
+    fused = rf.fuse(original, backend="reference")
+    torch.save(fused, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert [(n, type(m)) for n, m in loaded.named_modules()] == [(n, type(m)) for n, m in fused.named_modules()]
+    assert all(step.backend == "reference" for step in steps(loaded))
+    modules = {id(m) for m in loaded.modules()}
+    assert all(id(step.bn) in modules for step in steps(loaded))
+    assert_same(loaded, original, torch.randn(2, 3, 64, 64, dtype=torch.float64))
+
+
+def test_wrapped_model_is_fused_inside():
+    original = nn.DataParallel(randomize_bn(TrainingBranch()).double())  # a wrapper: its module is visited
+    fused, report = rf.fuse(original, report=True)
+    assert type(fused) is nn.DataParallel and report.notes["eval"] == {"module.bn": "fused (conv+bn+relu)"}
+    assert_same(fused, original, torch.randn(2, 4, 6, 6, dtype=torch.float64), modes=("eval",))
+
+
+def test_synchronized_batch_norm():
+    """A SyncBatchNorm keeps its group in its fused step; rf.nn.convert_sync_batchnorm gives the steps the group
+    and leaves the BN layers they compute as they are (a stand-in group: nothing runs across processes here)."""
+    group = object()
+    original = ConvOutputReused()
+    original.bn = nn.SyncBatchNorm(4, process_group=group)
+    assert [step.process_group for step in steps(rf.fuse(original, inplace=True))] == [group]
+    fused = rf.fuse(TrainingBranch())
+    converted = rf.nn.convert_sync_batchnorm(fused, process_group=group)
+    assert type(converted.bn) is nn.BatchNorm2d and [step.process_group for step in steps(converted)] == [group]
