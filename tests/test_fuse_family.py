@@ -46,14 +46,7 @@ def _assert_parity(actual, same_dtype, oracle, what):
     assert result.ok, f"{what}: {result}"
 
 
-# The `cpu` backend's float32 conv (since the oneDNN/ATen rewrite) is 3.3x PyTorch's error on this sample, where the
-# `reference` backend, which folds the BN the same way, is at 1.6x: the kernels' accuracy, not rf.fuse's.
-CPU_FLOAT32_BEYOND_BOUND = {"torchvision/wide_resnet50_2"}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason="cpu backend float32 conv accuracy", strict=False))
-    if n in CPU_FLOAT32_BEYOND_BOUND else n for n in family.MODELS])
+@pytest.mark.parametrize("name", family.MODELS)
 def test_family_float32_eval_within_pytorchs_error(name):
     oracle = set_mode(build(name), "eval")
     reference = copy.deepcopy(oracle).float()
@@ -64,11 +57,12 @@ def test_family_float32_eval_within_pytorchs_error(name):
 
 
 # A whole float32 training step on the reference backend, every tensor within the project's bound: the
-# graph pass must not change what is computed or in which dtype. (On the `cpu` backend the float64 step
-# above checks the fused ops. In float32 their training step is beyond 2x PyTorch's error today, measured at
-# 2x64x64: skresnet18's output, and some gradients in 14 of the 16 models, from 1 of 162 tensors (resnet50) to
-# 109 of 119 (skresnet18), the torchvision blocks converted by class included: the CPU kernels' accuracy, not
-# the graph pass's wiring.)
+# graph pass must not change what is computed or in which dtype. (The float64 step above checks the fused ops.
+# A float32 training step that rounds differently from PyTorch's cannot be held to this bound at this size:
+# the last stage's BNs normalize over 8 values, which amplifies float32 forward errors to about 1e-3 there
+# (measured: torchvision wide_resnet50_2, eager and `cpu` alike), enough to flip ReLU masks, and a flipped
+# mask moves a gradient by a whole term. PyTorch's own channels_last step misses it too, for up to 178 of 184
+# gradients (timm ecaresnet50d), against its NCHW step's error.)
 @pytest.mark.parametrize("name", family.MODELS)
 def test_family_float32_training_step_within_pytorchs_error(name):
     oracle = build(name)
