@@ -179,10 +179,11 @@ struct ReductionPlan {
   int64_t channel(const ChannelView& v, int64_t unit) const { return unit / pieces % v.c; }
 };
 
-// Rows of an NHWC chunk: its values stay in cache between the passes over it (at most 64 KB of float), and
-// sums over at most 256 values per lane stay accurate before they are merged in double.
+// Rows of an NHWC chunk: its values stay in L2 between the passes over it (at most 256 KB of float), the
+// per-chunk work over the channels (finishing its sums, merging them) is spread over at least 32 rows where
+// that fits, and sums over at most 256 values per lane stay accurate before they are merged in double.
 inline int64_t chunk_rows(int64_t channels) {
-  return std::clamp<int64_t>(16384 / std::max<int64_t>(channels, 1), 4, 256);
+  return std::clamp<int64_t>(65536 / std::max<int64_t>(channels, 1), 4, 256);
 }
 
 // Per-channel sums in double of kTerms quantities, fn(in[0][i], ..., params...) -> std::array<Acc, kTerms + kOut>:
@@ -391,9 +392,25 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
   Moments result{std::vector<double>(v.c, 0.0), std::vector<double>(v.c, 0.0)};
   std::vector<double> total(v.c, 0.0);
   for (int64_t unit = 0; unit < units; ++unit) {
-    for (int64_t slot = 0; slot < slots; ++slot) {
-      const int64_t i = unit * slots + slot, c = v.channels_last() ? slot : plan.channel(v, unit);
-      if (count[i] > 0) detail::chan_merge(total[c], result.mean[c], result.m2[c], count[i], mean[i], m2[i]);
+    if (v.channels_last()) {
+      // Every channel of a row range has the same count: the merge's weights once per unit, no division per
+      // channel (as for the chunks above).
+      const double nb = count[unit * slots];
+      if (nb == 0) continue;
+      const double n = total[0], sum = n + nb, weight = nb / sum, cross = n * nb / sum;
+      const double* mean_u = mean.data() + unit * slots;
+      const double* m2_u = m2.data() + unit * slots;
+      for (int64_t c = 0; c < v.c; ++c) {
+        const double delta = mean_u[c] - result.mean[c];
+        result.mean[c] += delta * weight;
+        result.m2[c] += m2_u[c] + delta * delta * cross;
+      }
+      std::fill(total.begin(), total.end(), sum);
+      continue;
+    }
+    if (count[unit] > 0) {
+      const int64_t c = plan.channel(v, unit);
+      detail::chan_merge(total[c], result.mean[c], result.m2[c], count[unit], mean[unit], m2[unit]);
     }
   }
   return result;
