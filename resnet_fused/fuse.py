@@ -19,7 +19,8 @@ def fuse(model: nn.Module, backend: str | None = None, inplace: bool = False,
     - torchvision.models.resnet.BasicBlock / Bottleneck -> rf.nn.BasicBlock / Bottleneck;
     - timm.models.resnet.BasicBlock / Bottleneck -> the same, when the block is a plain ResNet block
       (ReLU activations; no attention, anti-aliasing, DropBlock or drop path);
-    - torchvision.models.ResNet itself -> rf.models.ResNet (the stem conv + BN + ReLU fused too).
+    - torchvision.models.ResNet itself -> rf.models.ResNet (the stem conv + BN + ReLU fused too), as a class that
+      is a subclass of both (`FusedTorchvisionResNet`), so isinstance checks against torchvision's keep working.
 
     A block qualifies when its convs are nn.Conv2d with zero padding and its norms nn.BatchNorm2d or
     nn.SyncBatchNorm; anything else, and every module of another class (a subclass included, since it
@@ -55,7 +56,7 @@ def _known_classes() -> dict[type, tuple]:
     if tv is not None:
         known[tv.BasicBlock] = (BasicBlock, ("conv1", "bn1", "conv2", "bn2"), "torchvision")
         known[tv.Bottleneck] = (Bottleneck, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"), "torchvision")
-        known[tv.ResNet] = (ResNet, ("conv1", "bn1"), "torchvision")
+        known[tv.ResNet] = (fused_torchvision_resnet_class(), ("conv1", "bn1"), "torchvision")
     timm = sys.modules.get("timm.models.resnet")
     if timm is not None:
         known[timm.BasicBlock] = (BasicBlock, ("conv1", "bn1", "conv2", "bn2"), "timm")
@@ -103,3 +104,27 @@ def _fused_copy(module: nn.Module, cls: type, names: tuple[str, ...], backend: s
     fused.plain = False
     fused.process_group = sync_group([getattr(module, n) for n in names[1::2]])
     return fused
+
+
+_FUSED_TORCHVISION_RESNET: list[type] = []
+
+
+def fused_torchvision_resnet_class() -> type:
+    """rf.models.ResNet that is also a torchvision.models.ResNet: what rf.fuse makes of torchvision's ResNet. Its
+    methods are rf.models.ResNet's (the MRO puts them first), isinstance checks against either class hold. Made
+    on first use, since fuse() imports nothing (torchvision is already loaded when one of its models is fused),
+    and found by pickle through the module's __getattr__ below."""
+    if not _FUSED_TORCHVISION_RESNET:
+        import torchvision.models.resnet as tv
+
+        _FUSED_TORCHVISION_RESNET.append(type("FusedTorchvisionResNet", (ResNet, tv.ResNet), {
+            "__module__": __name__, "__qualname__": "FusedTorchvisionResNet",
+            "__doc__": f"torchvision's ResNet fused by rf.fuse: rf.models.ResNet's code.\n\n{ResNet.__doc__}"}))
+    return _FUSED_TORCHVISION_RESNET[0]
+
+
+def __getattr__(name: str):
+    # pickle looks the class up by name (PEP 562); the lookup makes it in a fresh process.
+    if name == "FusedTorchvisionResNet":
+        return fused_torchvision_resnet_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,6 +2,8 @@
 outputs, gradients, running statistics, state_dict keys, train/eval state, dtype, device and memory
 format; unknown modules are left alone."""
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,7 +41,8 @@ def test_fuse_torchvision(arch, backend, mode):
     original = set_mode(randomize_bn(make(num_classes=10)).double(), mode)
     reference = copy.deepcopy(original)
     fused = rf.fuse(original, backend=backend)
-    assert type(fused) is rf.models.ResNet and not library_blocks(fused)
+    assert isinstance(fused, rf.models.ResNet) and isinstance(fused, torchvision.models.ResNet)
+    assert not library_blocks(fused)
     assert all(m.backend == backend for m in fused.modules() if isinstance(m, rf.nn.FusedModule))
     assert type(original) is torchvision.models.ResNet and not fused_blocks(original)  # inplace=False: a copy
     assert fused.training == (mode == "train") and all(m.training == fused.training for m in fused.modules())
@@ -149,7 +152,7 @@ def test_fuse_sync_batchnorm_model():
     model = nn.SyncBatchNorm.convert_sync_batchnorm(randomize_bn(torchvision.models.resnet18(num_classes=10)))
     model = model.double().eval()
     fused = rf.fuse(model)
-    assert type(fused) is rf.models.ResNet and type(fused.layer1[0].bn1) is nn.SyncBatchNorm
+    assert isinstance(fused, rf.models.ResNet) and type(fused.layer1[0].bn1) is nn.SyncBatchNorm
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
@@ -158,3 +161,30 @@ def test_fuse_sync_batchnorm_model():
 def test_fuse_bad_argument():
     with pytest.raises(TypeError, match="must be a torch.nn.Module"):
         rf.fuse(torch.randn(3))
+
+
+def test_fused_torchvision_resnet_is_both_classes_and_pickles(tmp_path):
+    """rf.fuse of torchvision's ResNet is a subclass of rf.models.ResNet and of torchvision's ResNet, made at run
+    time: torch.save / torch.load, here and in a fresh interpreter that has not made the class yet, and
+    copy.deepcopy give the same class and the same outputs."""
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).double().eval()
+    fused = rf.fuse(model)
+    assert isinstance(fused, torchvision.models.ResNet) and isinstance(fused, rf.models.ResNet)
+    assert type(fused).forward is rf.models.ResNet.forward
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    path = tmp_path / "fused.pt"
+    torch.save(fused, path)
+    loaded, copied = torch.load(path, weights_only=False), copy.deepcopy(fused)
+    with torch.no_grad():
+        want = fused(x)
+        for other in (loaded, copied):
+            assert type(other) is type(fused)
+            torch.testing.assert_close(other(x), want, rtol=0, atol=0)
+    torch.save(x, tmp_path / "x.pt")
+    script = (f"import torch, torchvision, resnet_fused\n"
+              f"m = torch.load({str(path)!r}, weights_only=False)\n"
+              f"assert isinstance(m, torchvision.models.ResNet) and isinstance(m, resnet_fused.models.ResNet)\n"
+              f"with torch.no_grad():\n"
+              f"    torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), want, rtol=0, atol=0)

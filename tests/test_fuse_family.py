@@ -29,9 +29,8 @@ def test_family_float64_step_and_coverage(name):
     original = build(name)
     fused, report = rf.fuse(original, report=True)
     if type(original).__name__ == "ResNet" and name.startswith("torchvision/"):
-        assert type(fused) is rf.models.ResNet  # the block-class conversion of torchvision's ResNet
-    else:
-        assert isinstance(fused, type(original)) and type(original).__name__ in type(fused).__name__
+        assert isinstance(fused, rf.models.ResNet)  # the block-class conversion of torchvision's ResNet
+    assert isinstance(fused, type(original)) and type(original).__name__ in type(fused).__name__
     for mode in ("train", "eval"):
         assert report.coverage(mode) >= 0.95, f"{name} {mode}:\n{report}"
     assert list(fused.state_dict()) == list(original.state_dict())
@@ -46,6 +45,10 @@ def _assert_parity(actual, same_dtype, oracle, what):
     assert result.ok, f"{what}: {result}"
 
 
+# PyTorch's own float32 error, for a whole model, is that of its NCHW or of its channels_last run, whichever is
+# larger: both are PyTorch, and they differ by up to 3x here (timm resnetblur50: 2.6e-4 and 6.0e-4), so either
+# alone would hold the fused model to the luck of one summation order (measured: wide_resnet50_2 on the cpu
+# backend at 3.3x the NCHW error with one thread; with two, 2.1x, where PyTorch's channels_last run is at 3.0x).
 @pytest.mark.parametrize("name", family.MODELS)
 def test_family_float32_eval_within_pytorchs_error(name):
     oracle = set_mode(build(name), "eval")
@@ -53,7 +56,11 @@ def test_family_float32_eval_within_pytorchs_error(name):
     fused = rf.fuse(reference)
     x = torch.randn(X_SHAPE, dtype=torch.float64)
     with torch.no_grad():
-        _assert_parity(fused(x.float()), reference(x.float()), oracle(x), "eval output")
+        want = oracle(x)
+        pytorch = [reference(x.float()), copy.deepcopy(reference).to(memory_format=torch.channels_last)(
+            x.float().contiguous(memory_format=torch.channels_last))]
+        worst = max(pytorch, key=lambda out: (out.double() - want).abs().max().item())
+        _assert_parity(fused(x.float()), worst, want, "eval output")
 
 
 # A whole float32 training step on the reference backend, every tensor within the project's bound: the
