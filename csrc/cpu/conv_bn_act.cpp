@@ -96,8 +96,9 @@ at::Tensor conv_bn_act(
                            (x.scalar_type() == at::kFloat || format == at::MemoryFormat::ChannelsLast);
   const bool onednn = onednn_takes && (weight.is_mkldnn() || c10::multiply_integers(out_shape) >= kOneDnnMinOutput);
   TORCH_CHECK(onednn_takes || !weight.is_mkldnn(),
-              "conv_bn_act: a prepacked (MKLDNN) weight needs a convolution oneDNN runs (float32 or bfloat16, "
-              "batch > 0, oneDNN enabled); got dtype ", x.scalar_type(), " and batch ", x.size(0));
+              "conv_bn_act: a prepacked (MKLDNN) weight needs a convolution oneDNN runs (float32, or bfloat16 in "
+              "channels_last where the CPU has it; batch > 0; oneDNN enabled); got dtype ", x.scalar_type(),
+              ", batch ", x.size(0), ", ", format == at::MemoryFormat::ChannelsLast ? "channels_last" : "NCHW");
   if (onednn) {
     return onednn_conv_bn_act(x, weight, bias_c, has_residual ? *residual : at::Tensor(), stride, padding,
                               dilation, groups, relu, format);
