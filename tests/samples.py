@@ -12,7 +12,8 @@ MEMORY_FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
 @dataclass(frozen=True)
-class ConvCase:
+class ConvGeometry:
+    """A convolution's shape: what every conv op's cases share (conv_output_hw reads it)."""
     name: str
     n: int
     c_in: int
@@ -23,6 +24,11 @@ class ConvCase:
     padding: int = 0
     dilation: int = 1
     groups: int = 1
+
+
+@dataclass(frozen=True)
+class ConvCase(ConvGeometry):
+    """A conv_bn_act case: the geometry and the epilogue."""
     bias: bool = True
     residual: bool = True
     relu: bool = True
@@ -45,7 +51,7 @@ CONV_CASES = [
 ]
 
 
-def conv_output_hw(case: ConvCase) -> tuple[int, int]:
+def conv_output_hw(case: ConvGeometry) -> tuple[int, int]:
     return tuple(
         (size + 2 * case.padding - case.dilation * (case.kernel - 1) - 1) // case.stride + 1 for size in case.hw
     )

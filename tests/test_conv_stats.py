@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from samples import MEMORY_FORMATS, assert_parity, skip_unless_runs, to_float64
+from samples import MEMORY_FORMATS, ConvGeometry, assert_parity, skip_unless_runs, to_float64
 from triton_support import aot_compile, gpu_only
 
 import resnet_fused as rf
@@ -18,17 +18,8 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 @dataclass(frozen=True)
-class StatsCase:
-    name: str
-    n: int
-    c_in: int
-    hw: tuple[int, int]
-    c_out: int
-    kernel: int
-    stride: int = 1
-    padding: int = 0
-    dilation: int = 1
-    groups: int = 1
+class StatsCase(ConvGeometry):
+    """A conv_stats case: the geometry, with or without the BN + ReLU prologue."""
     prologue: bool = True
     relu: bool = True
 

@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/native/ConvUtils.h>
 #include <ATen/ops/clone.h>
 #include <ATen/ops/convolution.h>
 #include <c10/util/accumulate.h>
@@ -84,10 +85,7 @@ at::Tensor conv_bn_act(
   const std::optional<at::Tensor> bias_c = has_bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
 
   // The output's shape, checked against the residual's before oneDNN writes into the residual's copy.
-  std::vector<int64_t> out_shape{x.size(0), channels, 0, 0};
-  for (int d = 0; d < 2; ++d) {
-    out_shape[2 + d] = (x.size(2 + d) + 2 * padding[d] - dilation[d] * (weight.size(2 + d) - 1) - 1) / stride[d] + 1;
-  }
+  const std::vector<int64_t> out_shape = at::native::conv_output_size(x.sizes(), weight.sizes(), padding, stride, dilation);
   TORCH_CHECK(!has_residual || residual->sizes() == at::IntArrayRef(out_shape),
               "conv_bn_act: residual must have the output's shape ", out_shape, ", got ", residual->sizes());
 
