@@ -8,6 +8,11 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "conv_bn_act(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
+  // The same, written into the residual's buffer (residual = act(conv2d(x, weight) + bias[c] + residual)), for
+  // a caller that owns the residual and needs no gradient: a ResNet's blocks in inference save its copy.
+  m.def(
+      "conv_bn_act_into_residual(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) residual, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool relu) -> ()");
   // out = act(batch_norm(x) + residual). Functional: the updated running statistics are returned
   // (as aten::_native_batch_norm_legit_functional does) and copied into the buffers by the caller,
   // so the op can carry an autograd formula and be traced by torch.compile.

@@ -1,13 +1,15 @@
 // conv_bn_act on the CPU. Where oneDNN takes the convolution (float32, and bfloat16 on CPUs with bf16
 // support), it runs as one oneDNN primitive with the bias, the residual add and the ReLU as post-ops,
 // through the mkldnn ops that Inductor's CPU backend calls: the epilogue costs no pass over the output.
-// The weight may be prepacked into oneDNN's blocked layout (mkldnn::_reorder_convolution_weight, an MKLDNN
+// conv_bn_act_into_residual is the same computation written into the residual's own buffer, for callers that
+// own it (a ResNet's blocks in inference): no copy of the residual. The weight may be prepacked into oneDNN's blocked layout (mkldnn::_reorder_convolution_weight, an MKLDNN
 // tensor), which saves the reorder on every call. Anything else runs ATen's convolution, then the whole
 // epilogue in one vectorized pass over the output.
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/native/ConvUtils.h>
 #include <ATen/ops/clone.h>
 #include <ATen/ops/convolution.h>
@@ -42,7 +44,9 @@ bool mkldnn_supports(at::ScalarType dtype) {
   return (dtype == at::kBFloat16 && bf16) || (dtype == at::kHalf && fp16);
 }
 
-// out = act(conv(x, weight) + bias [+ residual]) as one oneDNN convolution with post-ops.
+// act(conv(x, weight) + bias [+ residual]) as one oneDNN convolution with post-ops. With a residual, oneDNN adds
+// the convolution into `residual` in place, which reads it once and writes the output once, as the fused
+// epilogue should: `residual` is the output buffer (the caller's copy of the residual, or the residual itself).
 at::Tensor onednn_conv_bn_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const at::Tensor& residual, at::IntArrayRef stride, at::IntArrayRef padding,
                               at::IntArrayRef dilation, int64_t groups, bool relu, at::MemoryFormat format) {
@@ -57,83 +61,132 @@ at::Tensor onednn_conv_bn_act(const at::Tensor& x, const at::Tensor& weight, con
     // With a prepacked weight oneDNN answers in channels_last whatever the input's format.
     return stack.at(0).toTensor().contiguous(format);
   }
-  // The residual's copy is the output buffer: oneDNN adds the convolution into it in place, which reads the
-  // residual once and writes the output once, as the fused epilogue should.
-  at::Tensor out = at::clone(residual, format);
   static const c10::OperatorHandle op = mkldnn_op("mkldnn::_convolution_pointwise_", "binary");
-  stack = {out, x, weight, bias, padding.vec(), stride.vec(), dilation.vec(), groups, std::string("add"),
+  stack = {residual, x, weight, bias, padding.vec(), stride.vec(), dilation.vec(), groups, std::string("add"),
            c10::IValue(), unary, no_scalars, c10::IValue()};
   op.callBoxed(stack);
-  return out;
+  return residual;
+}
+
+// What both ops decide before computing: the input in the output's memory format, the bias made contiguous,
+// the output's shape, and whether oneDNN runs the convolution.
+struct ConvPlan {
+  at::MemoryFormat format;
+  at::Tensor x;
+  std::optional<at::Tensor> bias;
+  std::vector<int64_t> out_shape;
+  bool onednn;
+};
+
+ConvPlan plan_conv(const char* op, const at::Tensor& x_in, const at::Tensor& weight,
+                   const std::optional<at::Tensor>& bias, const at::Tensor& residual, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(x_in.dim() == 4 && weight.dim() == 4, op, ": x and weight must be 4-D, got ", x_in.sizes(), " and ",
+              weight.sizes());
+  ConvPlan plan;
+  plan.format = output_memory_format(x_in);
+  plan.x = x_in.contiguous(plan.format);
+  const at::Tensor& x = plan.x;
+  const int64_t channels = weight.size(0);
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == channels), op, ": bias must have shape [",
+              channels, "], got ", bias->sizes());
+  if (has_bias) plan.bias = bias->contiguous();
+
+  // The output's shape, checked against the residual's before oneDNN writes into the residual's buffer.
+  plan.out_shape = at::native::conv_output_size(x.sizes(), weight.sizes(), padding, stride, dilation);
+  TORCH_CHECK(!residual.defined() || residual.sizes() == at::IntArrayRef(plan.out_shape), op,
+              ": residual must have the output's shape ", plan.out_shape, ", got ", residual.sizes());
+
+  // 16-bit NCHW: the mkldnn op computes the residual add and ReLU with ATen's add_relu, which lacks them.
+  const bool onednn_takes = mkldnn_supports(x.scalar_type()) && x.size(0) > 0 &&
+                           (x.scalar_type() == at::kFloat || plan.format == at::MemoryFormat::ChannelsLast);
+  plan.onednn = onednn_takes && (weight.is_mkldnn() || c10::multiply_integers(plan.out_shape) >= kOneDnnMinOutput);
+  TORCH_CHECK(onednn_takes || !weight.is_mkldnn(), op,
+              ": a prepacked (MKLDNN) weight needs a convolution oneDNN runs (float32, or bfloat16 in channels_last "
+              "where the CPU has it; batch > 0; oneDNN enabled); got dtype ", x.scalar_type(), ", batch ", x.size(0),
+              ", ", plan.format == at::MemoryFormat::ChannelsLast ? "channels_last" : "NCHW");
+  return plan;
+}
+
+// ATen's convolution: a fresh tensor (convolution never aliases its inputs), in the plan's memory format.
+at::Tensor aten_conv(const ConvPlan& plan, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                     at::IntArrayRef dilation, int64_t groups) {
+  return at::convolution(plan.x, weight, std::nullopt, stride, padding, dilation, /*transposed=*/false,
+                         /*output_padding=*/{0, 0}, groups)
+      .contiguous(plan.format);
+}
+
+// dest = act(conv + bias [+ residual]) in one vectorized pass; dest may be conv or residual (same shape and
+// format: each element is read before it is written).
+void epilogue(const ConvPlan& plan, const at::Tensor& conv, const at::Tensor& residual, bool relu, at::Tensor& dest) {
+  const int64_t channels = conv.size(1);
+  const ChannelView view = ChannelView::of(conv, plan.format);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conv.scalar_type(), "conv_bn_act_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    using Acc = Vectorized<opmath_t>;
+    // The bias in the accumulation type (zeros without one), so one loop serves every epilogue.
+    std::vector<opmath_t> shift(channels, opmath_t(0));
+    if (plan.bias) {
+      const scalar_t* b = plan.bias->const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < channels; ++c) shift[c] = static_cast<opmath_t>(b[c]);
+    }
+    const scalar_t* o = conv.const_data_ptr<scalar_t>();
+    scalar_t* d = dest.data_ptr<scalar_t>();
+    const std::array<const opmath_t*, 1> params{shift.data()};
+    auto act = [relu](const Acc& v) { return relu ? at::vec::maximum(v, Acc(0)) : v; };  // NaN passes
+    if (residual.defined()) {
+      map_per_channel<scalar_t, 2, 1, 1>(view, {o, residual.const_data_ptr<scalar_t>()}, {d}, params,
+                                         [&](const auto& in, const auto& p) {
+                                           return std::array<Acc, 1>{act(in[0] + p[0] + in[1])};
+                                         });
+    } else {
+      map_per_channel<scalar_t, 1, 1, 1>(view, {o}, {d}, params, [&](const auto& in, const auto& p) {
+        return std::array<Acc, 1>{act(in[0] + p[0])};
+      });
+    }
+  });
 }
 
 }  // namespace
 
 at::Tensor conv_bn_act(
     const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+    const std::optional<at::Tensor>& residual_in, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool relu) {
-  TORCH_CHECK(x_in.dim() == 4 && weight.dim() == 4, "conv_bn_act: x and weight must be 4-D, got ",
-              x_in.sizes(), " and ", weight.sizes());
-  const auto format = output_memory_format(x_in);
-  const at::Tensor x = x_in.contiguous(format);
-  const bool has_bias = bias.has_value() && bias->defined();
-  const bool has_residual = residual.has_value() && residual->defined();
-  const int64_t channels = weight.size(0);
-  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == channels),
-              "conv_bn_act: bias must have shape [", channels, "], got ", bias->sizes());
-  const std::optional<at::Tensor> bias_c = has_bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-
-  // The output's shape, checked against the residual's before oneDNN writes into the residual's copy.
-  const std::vector<int64_t> out_shape = at::native::conv_output_size(x.sizes(), weight.sizes(), padding, stride, dilation);
-  TORCH_CHECK(!has_residual || residual->sizes() == at::IntArrayRef(out_shape),
-              "conv_bn_act: residual must have the output's shape ", out_shape, ", got ", residual->sizes());
-
-  // 16-bit NCHW: the mkldnn op computes the residual add and ReLU with ATen's add_relu, which lacks them.
-  const bool onednn_takes = mkldnn_supports(x.scalar_type()) && x.size(0) > 0 &&
-                           (x.scalar_type() == at::kFloat || format == at::MemoryFormat::ChannelsLast);
-  const bool onednn = onednn_takes && (weight.is_mkldnn() || c10::multiply_integers(out_shape) >= kOneDnnMinOutput);
-  TORCH_CHECK(onednn_takes || !weight.is_mkldnn(),
-              "conv_bn_act: a prepacked (MKLDNN) weight needs a convolution oneDNN runs (float32, or bfloat16 in "
-              "channels_last where the CPU has it; batch > 0; oneDNN enabled); got dtype ", x.scalar_type(),
-              ", batch ", x.size(0), ", ", format == at::MemoryFormat::ChannelsLast ? "channels_last" : "NCHW");
-  if (onednn) {
-    return onednn_conv_bn_act(x, weight, bias_c, has_residual ? *residual : at::Tensor(), stride, padding,
-                              dilation, groups, relu, format);
+  const at::Tensor residual = residual_in.has_value() ? *residual_in : at::Tensor();
+  const ConvPlan plan = plan_conv("conv_bn_act", x_in, weight, bias, residual, stride, padding, dilation);
+  if (plan.onednn) {
+    // oneDNN writes into the residual's buffer: a copy of it, since the caller keeps the residual.
+    return onednn_conv_bn_act(plan.x, weight, plan.bias, residual.defined() ? at::clone(residual, plan.format)
+                                                                            : at::Tensor(),
+                              stride, padding, dilation, groups, relu, plan.format);
   }
-
-  // A fresh tensor (convolution never aliases its inputs), so the epilogue may run in place.
-  at::Tensor out = at::convolution(x, weight, std::nullopt, stride, padding, dilation,
-                                   /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
-                       .contiguous(format);
-  if (!has_bias && !has_residual && !relu) return out;
-  const at::Tensor residual_c = has_residual ? residual->contiguous(format) : at::Tensor();
-  const ChannelView view = ChannelView::of(out, format);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "conv_bn_act_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    using Acc = Vectorized<opmath_t>;
-    // The bias in the accumulation type (zeros without one), so one loop serves every epilogue.
-    std::vector<opmath_t> shift(channels, opmath_t(0));
-    if (has_bias) {
-      const scalar_t* b = bias_c->const_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < channels; ++c) shift[c] = static_cast<opmath_t>(b[c]);
-    }
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const std::array<const opmath_t*, 1> params{shift.data()};
-    auto act = [relu](const Acc& v) { return relu ? at::vec::maximum(v, Acc(0)) : v; };  // NaN passes
-    if (has_residual) {
-      map_per_channel<scalar_t, 2, 1, 1>(view, {o, residual_c.const_data_ptr<scalar_t>()}, {o}, params,
-                                         [&](const auto& in, const auto& p) {
-                                           return std::array<Acc, 1>{act(in[0] + p[0] + in[1])};
-                                         });
-    } else {
-      map_per_channel<scalar_t, 1, 1, 1>(view, {o}, {o}, params, [&](const auto& in, const auto& p) {
-        return std::array<Acc, 1>{act(in[0] + p[0])};
-      });
-    }
-  });
+  at::Tensor out = aten_conv(plan, weight, stride, padding, dilation, groups);
+  if (!plan.bias && !residual.defined() && !relu) return out;
+  epilogue(plan, out, residual.defined() ? residual.contiguous(plan.format) : at::Tensor(), relu, out);
   return out;
+}
+
+void conv_bn_act_into_residual(
+    const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::Tensor& residual,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
+  const ConvPlan plan = plan_conv("conv_bn_act_into_residual", x_in, weight, bias, residual, stride, padding,
+                                  dilation);
+  TORCH_CHECK(residual.scalar_type() == plan.x.scalar_type(), "conv_bn_act_into_residual: residual must have x's "
+              "dtype ", plan.x.scalar_type(), ", got ", residual.scalar_type());
+  TORCH_CHECK(residual.is_contiguous(plan.format), "conv_bn_act_into_residual: residual must be contiguous in x's "
+              "memory format (", plan.format == at::MemoryFormat::ChannelsLast ? "channels_last" : "NCHW",
+              "): it is the output");
+  // The output overwrites the residual while the convolution reads x, the weight and the bias.
+  at::assert_no_overlap(residual, plan.x);
+  if (weight.layout() == at::kStrided) at::assert_no_overlap(residual, weight);
+  if (plan.bias) at::assert_no_overlap(residual, *plan.bias);
+  if (plan.onednn) {
+    onednn_conv_bn_act(plan.x, weight, plan.bias, residual, stride, padding, dilation, groups, relu, plan.format);
+    return;
+  }
+  epilogue(plan, aten_conv(plan, weight, stride, padding, dilation, groups), residual, relu, residual);
 }
 
 }  // namespace resnet_fused::cpu

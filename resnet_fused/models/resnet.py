@@ -103,14 +103,35 @@ class ResNet(FusedModule):
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:  # torchvision's name, which some code calls
         check_input(x, self.conv1.in_channels, "ResNet")
-        x = self._stem(x)
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
+        x = self._stages(self._stem(x))
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
+
+    def _stages(self, x: torch.Tensor) -> torch.Tensor:
+        """layer1 to layer4. Without autograd, in eager mode, each block's input is the output of the stem's max
+        pool or of the block before it, which nothing else reads unless a hook sees it: the block gets it with
+        `reuse_input=True` and, in inference on the cpu backend, adds its last convolution into that memory
+        instead of into a copy (one read and one write of the block's output less). A hook on the max pool, a
+        stage or a block, or a stage that is not an nn.Sequential of fused blocks, ends that: those run as
+        nn.Module calls them. Traced, compiled or with autograd, the stages run as nn.Module calls them."""
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        if (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                or torch.fx._symbolic_trace.is_fx_symbolic_tracing()):
+            for layer in layers:
+                x = layer(x)
+            return x
+        owned = type(self.maxpool) is nn.MaxPool2d and not _hooked(self.maxpool)
+        for layer in layers:
+            if type(layer) is not nn.Sequential or _hooked(layer):
+                x, owned = layer(x), False
+                continue
+            for block in layer:
+                if isinstance(block, (BasicBlock, Bottleneck)) and not _hooked(block):
+                    x, owned = block(x, reuse_input=owned), True
+                else:
+                    x, owned = block(x), False
+        return x
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         """maxpool(relu(bn1(conv1(x)))). In training on a fused backend, BN + ReLU run inside the max pool's
@@ -126,6 +147,12 @@ class ResNet(FusedModule):
 
     def _fused_norms(self):
         return [self.bn1]
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook (the module's own or a global one) may see the module's input or output."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
 
 
 def _resnet(block, layers: list[int], weights, progress: bool, num_classes: int, plain: bool,

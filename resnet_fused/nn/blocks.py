@@ -38,7 +38,10 @@ class _ResidualBlock(FusedModule):
     def _check_norms(self) -> None:
         check_norms(self, [f"bn{i}" for i in range(1, self._depth + 1)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, reuse_input: bool = False) -> torch.Tensor:
+        """`reuse_input=True` promises that the caller never reads x again (a ResNet passes it between its own
+        blocks): in inference on the cpu backend, the block then adds the convolution into x's memory instead
+        of into a copy of it, and returns that memory."""
         check_input(x, self.conv1.in_channels, type(self).__name__)
         steps = self._steps()
         down = None if self.plain else self.downsample
@@ -56,7 +59,9 @@ class _ResidualBlock(FusedModule):
                     source = module(source)
                 return self._conv_stats_block(backend, x, steps, (source, *ds_tail))
         shortcut = None if self.plain else self._downsample(x, self.downsample)
-        return self._conv_bn_steps(x, steps, shortcut, self.low_memory)
+        # The shortcut is ours to overwrite when it is x given away, or a fused downsample's fresh output.
+        owned = reuse_input if down is None else len(ds_tail) > 0
+        return self._conv_bn_steps(x, steps, shortcut, self.low_memory, owns_residual=owned)
 
     def _fused_norms(self):
         return [bn for _, _, bn in self._steps()] + downsample_norms(self.downsample)

@@ -38,7 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..backends import has_kernel, resolve_backend, supports_dtype
 from ..ops import bn_act, conv_bn_act, conv_stats, fold_bn
 from ..ops._layout import output_memory_format
-from ..ops.conv_bn_act import conv_output_shape
+from ..ops.conv_bn_act import conv_bn_act_into_residual, conv_output_shape
 from ..ops.conv_stats import bn_add_relu
 from ..ops.recomputed_bn_relu import bn_relu_conv, bn_relu_conv_bn_act
 
@@ -160,29 +160,44 @@ class FusedModule(nn.Module):
         return []
 
     def _conv_bn(self, key: str, x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
-                 residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
-        """act(bn(conv(x)) + residual), with bn in the state it is in (its own .training)."""
+                 residual: torch.Tensor | None = None, relu: bool = True, owns_residual: bool = False) -> torch.Tensor:
+        """act(bn(conv(x)) + residual), with bn in the state it is in (its own .training). `owns_residual`: the
+        caller never reads `residual` again, so inference on the cpu backend may write the output into it."""
         if _trains(bn):
             return self._batch_norm(self._conv(x, conv), bn, _cast(residual, compute_dtype(x)), relu)
         dtype = compute_dtype(x)
         x = _cast(x, dtype)
         weight, bias = self._folded(key, conv, bn, dtype)
         weight = self._prepacked(key, x, conv, weight)
-        return conv_bn_act(x, weight, bias, _cast(residual, dtype), **_conv_args(conv), relu=relu,
-                           backend=self.backend)
+        cast = _cast(residual, dtype)
+        if (owns_residual or cast is not residual) and self._writes_residual(x, weight, bias, cast):
+            return conv_bn_act_into_residual(x, weight, bias, cast, **_conv_args(conv), relu=relu)
+        return conv_bn_act(x, weight, bias, cast, **_conv_args(conv), relu=relu, backend=self.backend)
+
+    def _writes_residual(self, x, weight, bias, residual) -> bool:
+        """Whether conv_bn_act may write its output into `residual`, a tensor the caller owns: on the cpu backend,
+        with no gradient to record and outside torch.compile/export (which plan their own buffers), when the
+        residual already is the buffer the op would write (x's dtype, contiguous in its memory format)."""
+        if residual is None or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return False
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+            return False
+        return (residual.dtype == x.dtype and residual.is_contiguous(memory_format=output_memory_format(x))
+                and resolve_backend("conv_bn_act", self.backend, x.device, x.dtype) == "cpu")
 
     def _conv_bn_steps(self, x: torch.Tensor, steps, residual: torch.Tensor | None,
-                       low_memory: bool = False) -> torch.Tensor:
+                       low_memory: bool = False, owns_residual: bool = False) -> torch.Tensor:
         """A block's main path: relu(bn(conv(x))) through `steps`, [(key, conv, bn), ...], the last step adding
-        `residual` before its ReLU. In training, each BN + ReLU that feeds another conv runs inside that
+        `residual` before its ReLU (into `residual` itself in inference, when the caller `owns_residual`). In training, each BN + ReLU that feeds another conv runs inside that
         conv's op (bn_relu_conv), which keeps the BN input rather than the ReLU output for the backward; with
         `low_memory`, the last conv and BN run in the op of the BN + ReLU before them as well
         (bn_relu_conv_bn_act), which recomputes the last conv's output in the backward instead of keeping it."""
         norms, next_convs = [bn for _, _, bn in steps], [conv for _, conv, _ in steps[1:]]
         if len(steps) < 2 or not self._recomputes(x, norms, next_convs):
-            for i, (key, conv, bn) in enumerate(steps):
-                x = self._conv_bn(key, x, conv, bn, residual if i == len(steps) - 1 else None)
-            return x
+            for key, conv, bn in steps[:-1]:
+                x = self._conv_bn(key, x, conv, bn)
+            key, conv, bn = steps[-1]
+            return self._conv_bn(key, x, conv, bn, residual, owns_residual=owns_residual)
         y = self._conv(x, steps[0][1])  # a conv output whose BN + ReLU is still to run
         # One synchronization group per op: the tail op holds two BNs, which must agree on it.
         tail = low_memory and norms[-2].training == norms[-1].training

@@ -43,6 +43,37 @@ def conv_bn_act(x, weight, bias=None, residual=None, *, stride=1, padding=0, dil
     switches the ReLU. NCHW and channels_last inputs; the output follows the input's memory format.
     `backend` picks the implementation (see `available_backends`); None picks the default for the device.
     """
+    x, stride, padding, dilation = _checked(x, weight, bias, residual, stride, padding, dilation, groups)
+    name = resolve_backend("conv_bn_act", backend, x.device, x.dtype)
+    x = dense(x)
+    if name == "reference":
+        out = reference.conv_bn_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+        return out.contiguous(memory_format=output_memory_format(x))
+    op = torch.ops.resnet_fused.conv_bn_act_triton if name == "triton" else torch.ops.resnet_fused.conv_bn_act
+    return op(x, weight, bias, residual, list(stride), list(padding), list(dilation), groups, relu)
+
+
+def conv_bn_act_into_residual(x, weight, bias, residual, *, stride=1, padding=0, dilation=1, groups=1, relu=True):
+    """`conv_bn_act` on the cpu backend, written into `residual`'s own memory, which is returned: for a caller
+    that owns `residual` (nothing reads it afterwards) and needs no gradient, such as a ResNet's blocks in
+    inference. It saves the copy of the residual that oneDNN's in-place residual add otherwise needs (one
+    read and one write of the block's output, per block). `residual` must have x's dtype and be contiguous
+    in x's memory format."""
+    x, stride, padding, dilation = _checked(x, weight, bias, residual, stride, padding, dilation, groups)
+    if residual is None:
+        raise ValueError("conv_bn_act_into_residual: residual is the output buffer, got None")
+    if x.device.type != "cpu":
+        raise ValueError(f"conv_bn_act_into_residual runs on the cpu backend only, got tensors on {x.device}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        raise RuntimeError("conv_bn_act_into_residual has no gradient: call it under torch.no_grad() or with "
+                           "tensors that do not require grad")
+    torch.ops.resnet_fused.conv_bn_act_into_residual(dense(x), weight, bias, residual, list(stride), list(padding),
+                                                     list(dilation), groups, relu)
+    return residual
+
+
+def _checked(x, weight, bias, residual, stride, padding, dilation, groups):
+    """The argument checks of conv_bn_act: (x, stride, padding, dilation), see check_conv_geometry."""
     check_tensor(x, "x", 4)
     check_tensor(weight, "weight", 4)
     if bias is not None:
@@ -54,14 +85,7 @@ def conv_bn_act(x, weight, bias=None, residual=None, *, stride=1, padding=0, dil
     x, stride, padding, dilation, out_shape = check_conv_geometry(x, weight, stride, padding, dilation, groups)
     check_shape(bias, "bias", (out_shape[1],))
     check_shape(residual, "residual", out_shape)
-
-    name = resolve_backend("conv_bn_act", backend, x.device, x.dtype)
-    x = dense(x)
-    if name == "reference":
-        out = reference.conv_bn_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
-        return out.contiguous(memory_format=output_memory_format(x))
-    op = torch.ops.resnet_fused.conv_bn_act_triton if name == "triton" else torch.ops.resnet_fused.conv_bn_act
-    return op(x, weight, bias, residual, list(stride), list(padding), list(dilation), groups, relu)
+    return x, stride, padding, dilation
 
 
 def check_conv_geometry(x, weight, stride, padding, dilation, groups):
@@ -125,3 +149,5 @@ def register_formulas(qualname: str) -> None:
 
 if library_loaded("_C"):
     register_formulas("resnet_fused::conv_bn_act")
+    # Mutates its residual and returns nothing: nothing to fake but the absence of an output.
+    torch.library.register_fake("resnet_fused::conv_bn_act_into_residual")(lambda *args: None)
