@@ -36,4 +36,9 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "conv_stats(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool relu) -> (Tensor, Tensor, Tensor)");
+  // out = relu(y * scale[c] + shift[c] + residual'), residual' = residual * residual_scale[c] + residual_shift[c]
+  // (both or neither) or residual: a BN applied from its scale and shift, e.g. a block's exit on conv_stats.
+  m.def(
+      "bn_add_relu(Tensor y, Tensor scale, Tensor shift, Tensor? residual, Tensor? residual_scale, "
+      "Tensor? residual_shift) -> Tensor");
 }

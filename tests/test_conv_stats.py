@@ -284,7 +284,7 @@ def test_triton_float64_is_refused():
 
 
 # ----------------------------------------------------------------------------------------------
-# The exit of a block on conv_stats: relu(y * scale + shift + shortcut'), one pass on the triton backend
+# The exit of a block on conv_stats: relu(y * scale + shift + shortcut'), one pass on the triton and cpu backends
 # ----------------------------------------------------------------------------------------------
 def exit_sample(residual: str, dtype, memory_format, requires_grad=False):
     fmt = MEMORY_FORMATS[memory_format]
@@ -301,14 +301,19 @@ def exit_sample(residual: str, dtype, memory_format, requires_grad=False):
     return (y, scale, shift, shortcut, *extra)
 
 
+EXIT_BACKENDS = ["cpu", "triton"]
+EXIT_OPS = {"cpu": "bn_add_relu", "triton": "bn_add_relu_triton"}
+
+
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("residual", ["none", "plain", "affine"])
-def test_triton_block_exit(residual, dtype, memory_format):
-    skip_unless_runs("conv_stats", "triton", "cpu", dtype)
+@pytest.mark.parametrize("backend", EXIT_BACKENDS)
+def test_block_exit(backend, residual, dtype, memory_format):
+    skip_unless_runs("conv_stats", backend, "cpu", dtype)
     from resnet_fused.ops.conv_stats import bn_add_relu
     args = exit_sample(residual, dtype, memory_format, requires_grad=True)
-    out = bn_add_relu(*args, backend="triton")
+    out = bn_add_relu(*args, backend=backend)
     assert out.dtype == dtype and out.is_contiguous(memory_format=MEMORY_FORMATS[memory_format])
     args64 = to_float64(args)
     expected = bn_add_relu(*args64, backend="reference")
@@ -325,10 +330,30 @@ def test_triton_block_exit(residual, dtype, memory_format):
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("residual", ["none", "plain", "affine"])
-def test_opcheck_block_exit(residual, requires_grad):
-    skip_unless_runs("conv_stats", "triton", "cpu", torch.float32)
+@pytest.mark.parametrize("backend", EXIT_BACKENDS)
+def test_opcheck_block_exit(backend, residual, requires_grad):
+    skip_unless_runs("conv_stats", backend, "cpu", torch.float32)
     args = exit_sample(residual, torch.float32, "nhwc", requires_grad)
-    torch.library.opcheck(torch.ops.resnet_fused.bn_add_relu_triton.default, args)
+    torch.library.opcheck(getattr(torch.ops.resnet_fused, EXIT_OPS[backend]).default, args)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.update(y=a["y"][0]), "y must be 4-D"),
+    (lambda a: a.update(scale=a["scale"][:3]), "scale must have shape [5]"),
+    (lambda a: a.update(residual_shift=None), "residual_scale and residual_shift go together"),
+    (lambda a: a.update(residual=None), "residual_scale and residual_shift need a residual"),
+    (lambda a: a.update(residual=a["residual"][:, :, :2]), "residual must have y's shape"),
+    (lambda a: a.update(residual=a["residual"].double()), "y and residual dtypes differ"),
+], ids=["3-d y", "scale shape", "half an affine residual", "affine without residual", "residual shape",
+        "residual dtype"])
+def test_cpu_block_exit_bad_input(change, message):
+    """The C++ op checks its arguments itself (the Python callers pass their own, unchecked)."""
+    skip_unless_runs("conv_stats", "cpu", "cpu", torch.float32)
+    call = dict(zip(["y", "scale", "shift", "residual", "residual_scale", "residual_shift"],
+                    exit_sample("affine", torch.float32, "nhwc")))
+    change(call)
+    with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        torch.ops.resnet_fused.bn_add_relu(**call)
 
 
 # ----------------------------------------------------------------------------------------------

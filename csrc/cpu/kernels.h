@@ -35,4 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats(
     const std::optional<at::Tensor>& shift, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool relu);
 
+at::Tensor bn_add_relu(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+                       const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_scale,
+                       const std::optional<at::Tensor>& residual_shift);
+
 }  // namespace resnet_fused::cpu

@@ -124,18 +124,21 @@ def register_formulas(qualname: str) -> None:
 
 def bn_add_relu(y, scale, shift, residual=None, residual_scale=None, residual_shift=None, *, backend):
     """relu(y * scale[c] + shift[c] + residual'), residual' = residual * residual_scale[c] + residual_shift[c]
-    (a downsample branch's BN) or residual: the exit of a block training on conv_stats, in y's dtype and
-    layout. One pass on the triton backend; PyTorch ops on the others. `backend` is the block's resolved one;
-    the arguments are the blocks' own (not checked again)."""
+    (a downsample branch's BN) or residual: the exit of a block training on conv_stats, and the ReLU output the
+    recomputing training ops rebuild, in y's dtype and layout. One pass on the triton and cpu backends (computed
+    in y's accumulation type there); PyTorch ops on the others. `backend` is the caller's resolved one; the
+    arguments are the callers' own (not checked again)."""
     if backend == "triton":
         return torch.ops.resnet_fused.bn_add_relu_triton(y, scale, shift, residual, residual_scale, residual_shift)
+    if backend == "cpu":
+        return torch.ops.resnet_fused.bn_add_relu(y, scale, shift, residual, residual_scale, residual_shift)
     shape = (1, -1, 1, 1)
     out = torch.addcmul(shift.reshape(shape), y, scale.reshape(shape))
     if residual_scale is not None:
         out = out + torch.addcmul(residual_shift.reshape(shape), residual, residual_scale.reshape(shape))
     elif residual is not None:
         out = out + residual
-    return out.relu().to(y.dtype)
+    return out.relu_().to(y.dtype)
 
 
 def _fake_bn_add_relu(y, scale, shift, residual, residual_scale, residual_shift):
@@ -173,3 +176,4 @@ def register_bn_add_relu_formulas(qualname: str) -> None:
 
 if library_loaded("_C"):
     register_formulas("resnet_fused::conv_stats")
+    register_bn_add_relu_formulas("resnet_fused::bn_add_relu")

@@ -34,6 +34,7 @@ from ._layout import dense, output_memory_format
 from ._no_double_backward import differentiable_once
 from .bn_act import backend_ops
 from .conv_bn_act import conv_bn_act
+from .conv_stats import bn_add_relu
 from .sync_bn import bn_backward, bn_forward
 
 
@@ -83,12 +84,11 @@ class _BatchNorm:
         return backward_op(grad_out, out, x, weight, mean, invstd, True, relu, need_grad_pre)
 
 
-def _relu_output(x, weight, bias, mean, invstd):
-    """relu(batch_norm(x)) from the saved batch statistics, in their precision, in x's dtype and layout."""
-    shape = (1, -1, 1, 1)
+def _relu_output(x, weight, bias, mean, invstd, backend: str):
+    """relu(batch_norm(x)) from the saved batch statistics, in x's dtype and layout: one pass on the backends with a
+    bn_add_relu kernel (see there), `backend` being the resolved one."""
     scale = weight.to(mean.dtype) * invstd
-    shift = bias.to(mean.dtype) - mean * scale
-    return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape)).relu_().to(x.dtype).contiguous(
+    return bn_add_relu(x, scale, bias.to(mean.dtype) - mean * scale, backend=backend).contiguous(
         memory_format=output_memory_format(x))
 
 
@@ -207,7 +207,7 @@ class BNReLUThen(torch.autograd.Function):
         x, weight, bias, mean, invstd, total, *saved = ctx.saved_tensors
         need_x, need_bn_weight, need_bn_bias = ctx.needs_input_grad[:3]  # False where the input was None
         need_bn = need_x or need_bn_weight or need_bn_bias
-        y = _relu_output(x, weight, bias, mean, invstd)  # the ReLU output, recomputed
+        y = _relu_output(x, weight, bias, mean, invstd, ctx.bn.name)  # the ReLU output, recomputed
         grad_y, next_grads = ctx.then.backward(grad_out, y, saved, ctx.needs_input_grad[10:], need_bn, ctx.bn)
         grad_x = grad_weight = grad_bias = None
         if need_bn:
