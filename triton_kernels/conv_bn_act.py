@@ -33,6 +33,12 @@ Kernels
     Program ordering: grid axis 0 enumerates (pid_m, pid_n) in GROUP_M-row super-groups (the
     Triton matmul tutorial's L2 swizzle), so consecutive programs share A rows and a band of B.
 
+    The kernel is ``_program_tile`` (that ordering), ``_conv_mainloop`` (pixel indexing and both K
+    loops, returning the fp32 accumulator) and the epilogue.  ``conv_stats.py``'s kernel calls the
+    same two functions, with the constexpr ``PROLOGUE`` (BatchNorm + ReLU applied to each A tile,
+    ``_bn_prologue``), and its own epilogue.  Here ``PROLOGUE=False`` compiles to the same PTX as
+    the loop had before it was shared (compared, debug info aside).
+
 ``_conv_dw_kernel``: depthwise / channel-multiplier conv (C_in/groups == 1, groups > 1).  A GEMM
     with a reduction of KH*KW per output channel would waste almost all of a tensor-core tile, so
     this is a direct conv: a BLOCK_M pixels x BLOCK_C channels tile, KH*KW unrolled fp32 FMAs.
@@ -243,30 +249,12 @@ def _output_pixels(offs_m, HO, WO, sxn, sxh, sxw,
 
 
 @triton.jit
-def _conv_gemm_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
-    # sizes
-    M, H, W, HO, WO, C_OUT, CIN_G, COUT_G, K_TOTAL,
-    # strides, in elements: input, residual, output (N, C, H, W order)
-    sxn, sxc, sxh, sxw,
-    srn, src, srh, srw,
-    syn, syc, syh, syw,
-    # filter geometry
-    KH: tl.constexpr, KW: tl.constexpr,
-    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-    PAD_H: tl.constexpr, PAD_W: tl.constexpr,
-    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    # epilogue, loop variant, index width
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    K_FLAT: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
-    # tiles
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EPI_SPLIT: tl.constexpr,
-):
+def _program_tile(M, COUT_G, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                  INDEX_64: tl.constexpr):
+    """This program's (pid_m, pid_n, g): tile row, tile column and group (grid axis 1), in the
+    L2-friendly order: GROUP_M tile-rows share each band of B (weights)."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
-
-    # L2-friendly program order: GROUP_M tile-rows share each band of B (weights).
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(COUT_G, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -279,13 +267,45 @@ def _conv_gemm_kernel(
         # Offsets can pass 2^31: pixel index and everything derived from it in int64.
         pid_m = pid_m.to(tl.int64)
         g = g.to(tl.int64)
+    return pid_m, pid_n, g
 
+
+@triton.jit
+def _bn_prologue(a, mask, scale_ptr, shift_ptr, c, c_mask, RELU: tl.constexpr):
+    """relu(a * scale[c] + shift[c]) in fp32, cast back to a's dtype, then 0 where mask is off
+    (padding, bounds): the padding belongs to the normalized input, not to a."""
+    s = tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    t = tl.load(shift_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    z = a.to(tl.float32) * s[None, :] + t[None, :]
+    if RELU:
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.where(mask, z, 0.0).to(a.dtype)
+
+
+@triton.jit
+def _conv_mainloop(
+    x_ptr, w_ptr, scale_ptr, shift_ptr, pid_m, pid_n, g,
+    M, H, W, HO, WO, C_OUT, CIN_G, COUT_G, K_TOTAL,
+    sxn, sxc, sxh, sxw,
+    KH: tl.constexpr, KW: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr,
+    K_FLAT: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The implicit-GEMM conv of tile (pid_m, pid_n) of group g: the fp32 accumulator and what an
+    epilogue needs to address the tile, (acc, n, oh, ow, mask_m, co, mask_n), co in int64 under
+    INDEX_64.  With PROLOGUE each A tile goes through ``_bn_prologue`` (per input channel scale and
+    shift, ReLU if PROLOGUE_RELU) before ``tl.dot``; without it scale_ptr / shift_ptr are unused."""
     # Rows: output pixels.  ih0/iw0 are bounded by H/W: int32 in both modes (registers).
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     n, oh, ow, ih0, iw0, x_row = _output_pixels(offs_m, HO, WO, sxn, sxh, sxw,
                                                 STRIDE_H, STRIDE_W, PAD_H, PAD_W)
-    x_row += (g * CIN_G) * sxc  # the group's first input channel
+    c_first = g * CIN_G  # the group's first input channel
+    x_row += c_first * sxc
 
     # Columns: output channels of group g.
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -311,6 +331,9 @@ def _conv_gemm_kernel(
             iw = (iw0[:, None] + dw[None, :]).to(tl.uint32)
             a_mask = (mask_m[:, None] & mask_k[None, :]) & (ih < H) & (iw < W)
             a = tl.load(x_ptr + (x_row[:, None] + k_off[None, :]), mask=a_mask, other=0.0)
+            if PROLOGUE:
+                a = _bn_prologue(a, a_mask, scale_ptr, shift_ptr, c_first + c, mask_k,
+                                 PROLOGUE_RELU)
             b_ptrs = w_ptr + (offs_k * C_OUT)[:, None] + co[None, :]
             b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -333,15 +356,51 @@ def _conv_gemm_kernel(
             row_ok = mask_m & (ih < H) & (iw < W)
             offs_c = c0 + tl.arange(0, BLOCK_K)
             mask_c = offs_c < CIN_G
+            a_mask = row_ok[:, None] & mask_c[None, :]
             a_ptrs = x_ptr + (x_row + tap_off)[:, None] + (offs_c * sxc)[None, :]
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & mask_c[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            if PROLOGUE:
+                a = _bn_prologue(a, a_mask, scale_ptr, shift_ptr, c_first + offs_c, mask_c,
+                                 PROLOGUE_RELU)
             b_ptrs = w_ptr + ((tap * CIN_G + offs_c) * C_OUT)[:, None] + co[None, :]
             b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    # Epilogue on the fp32 accumulator, then one store.
     if INDEX_64:
         co = co.to(tl.int64)
+    return acc, n, oh, ow, mask_m, co, mask_n
+
+
+@triton.jit
+def _conv_gemm_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
+    # sizes
+    M, H, W, HO, WO, C_OUT, CIN_G, COUT_G, K_TOTAL,
+    # strides, in elements: input, residual, output (N, C, H, W order)
+    sxn, sxc, sxh, sxw,
+    srn, src, srh, srw,
+    syn, syc, syh, syw,
+    # filter geometry
+    KH: tl.constexpr, KW: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    # epilogue, loop variant, index width
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    K_FLAT: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPI_SPLIT: tl.constexpr,
+):
+    pid_m, pid_n, g = _program_tile(M, COUT_G, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
+    acc, n, oh, ow, mask_m, co, mask_n = _conv_mainloop(
+        x_ptr, w_ptr, None, None, pid_m, pid_n, g,
+        M, H, W, HO, WO, C_OUT, CIN_G, COUT_G, K_TOTAL, sxn, sxc, sxh, sxw,
+        KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+        PROLOGUE=False, PROLOGUE_RELU=False, K_FLAT=K_FLAT, INPUT_PRECISION=INPUT_PRECISION,
+        INDEX_64=INDEX_64, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+
+    # Epilogue on the fp32 accumulator, then one store.
     r_row = n * srn + oh * srh + ow * srw
     y_row = n * syn + oh * syh + ow * syw
     if EPI_SPLIT == 1:

@@ -6,11 +6,12 @@ applied to its input tiles (the prologue) and the batch statistics of its output
 
 Kernels
 -------
-``_conv_stats_kernel``: ``conv_bn_act._conv_gemm_kernel``'s grid, program order, index math and both K-loop
-    variants (tap loop, flat-K loop; the flat-K loop also serves depthwise and other small grouped convs).
-    Prologue: each A tile, right after its load and before ``tl.dot``, becomes
+``_conv_stats_kernel``: ``conv_bn_act._conv_gemm_kernel``'s grid and main loop, the same code: it calls
+    ``conv_bn_act._program_tile`` and ``_conv_mainloop`` (program order, index math, both K-loop variants:
+    tap loop, flat-K loop; the flat-K loop also serves depthwise and other small grouped convs) with
+    ``PROLOGUE``: each A tile, right after its load and before ``tl.dot``, becomes
     ``max(a * scale[c] + shift[c], 0)`` in fp32, cast back to x's dtype, and then the padding and bounds
-    mask is applied to that: padded positions of z are 0, never relu(shift).
+    mask is applied to that: padded positions of z are 0, never relu(shift) (``conv_bn_act._bn_prologue``).
     Epilogue: y stored once in x's dtype; from the fp32 accumulator (before y is rounded), the tile's
     per-column mean and M2 (sum of squared deviations from that mean) over its valid rows, stored to row
     ``pid_m`` of ``[tiles, C_out]`` partial buffers, and the row count of the tile to ``count[pid_m]``.
@@ -41,8 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv_bn_act import (CONV_AUTOTUNE_KEY, FP32_INPUT_PRECISION, INTERPRET, K_FLAT_BELOW, _extent, _INT32_LIMIT,
-                          _next_pow2, _out_size, _output_pixels)
+from .conv_bn_act import (CONV_AUTOTUNE_KEY, FP32_INPUT_PRECISION, INTERPRET, K_FLAT_BELOW, _conv_mainloop, _extent,
+                          _INT32_LIMIT, _next_pow2, _out_size, _program_tile)
 
 __all__ = ["conv_stats", "bn_add_relu", "stats_configs", "ALL_STATS_CONFIGS", "COMBINE_CONFIG", "EXIT_CONFIG",
            "KERNELS", "INTERPRET"]
@@ -120,18 +121,6 @@ def _prune_stats_configs(configs, named_args, **kwargs):
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _prologue(a, mask, scale_ptr, shift_ptr, c, c_mask, RELU: tl.constexpr):
-    """relu(a * scale[c] + shift[c]) in fp32, cast back to a's dtype, then 0 where mask is off (padding,
-    bounds): the padding belongs to z, not to x."""
-    s = tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    t = tl.load(shift_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    z = a.to(tl.float32) * s[None, :] + t[None, :]
-    if RELU:
-        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    return tl.where(mask, z, 0.0).to(a.dtype)
-
-
-@triton.jit
 def _conv_stats_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, count_ptr, mean_ptr, m2_ptr,
     # sizes
@@ -150,85 +139,15 @@ def _conv_stats_kernel(
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
-
-    # L2-friendly program order, as conv_bn_act.py.
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(COUT_G, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    if INDEX_64:
-        pid_m = pid_m.to(tl.int64)
-        g = g.to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    n, oh, ow, ih0, iw0, x_row = _output_pixels(offs_m, HO, WO, sxn, sxh, sxw,
-                                                STRIDE_H, STRIDE_W, PAD_H, PAD_W)
-    c_first = g * CIN_G  # the group's first input channel
-    x_row += c_first * sxc
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < COUT_G
-    co = (g * COUT_G).to(tl.int32) + offs_n
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if K_FLAT:
-        for k0 in range(0, K_TOTAL, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K_TOTAL
-            c = offs_k % CIN_G
-            tap = offs_k // CIN_G
-            dh = (tap // KW) * DIL_H
-            dw = (tap % KW) * DIL_W
-            if INDEX_64:
-                k_off = dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw + c.to(tl.int64) * sxc
-            else:
-                k_off = dh * sxh + dw * sxw + c * sxc
-            ih = (ih0[:, None] + dh[None, :]).to(tl.uint32)
-            iw = (iw0[:, None] + dw[None, :]).to(tl.uint32)
-            a_mask = (mask_m[:, None] & mask_k[None, :]) & (ih < H) & (iw < W)
-            a = tl.load(x_ptr + (x_row[:, None] + k_off[None, :]), mask=a_mask, other=0.0)
-            if PROLOGUE:
-                a = _prologue(a, a_mask, scale_ptr, shift_ptr, c_first + c, mask_k, RELU)
-            b_ptrs = w_ptr + (offs_k * C_OUT)[:, None] + co[None, :]
-            b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    else:
-        k_chunks = tl.cdiv(CIN_G, BLOCK_K)
-        for it in range(0, KH * KW * k_chunks):
-            tap = it // k_chunks
-            c0 = (it - tap * k_chunks) * BLOCK_K
-            kh = tap // KW
-            kw = tap - kh * KW
-            dh = kh * DIL_H
-            dw = kw * DIL_W
-            if INDEX_64:
-                tap_off = dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw
-            else:
-                tap_off = dh * sxh + dw * sxw
-            ih = (ih0 + dh).to(tl.uint32)
-            iw = (iw0 + dw).to(tl.uint32)
-            row_ok = mask_m & (ih < H) & (iw < W)
-            offs_c = c0 + tl.arange(0, BLOCK_K)
-            mask_c = offs_c < CIN_G
-            a_mask = row_ok[:, None] & mask_c[None, :]
-            a_ptrs = x_ptr + (x_row + tap_off)[:, None] + (offs_c * sxc)[None, :]
-            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-            if PROLOGUE:
-                a = _prologue(a, a_mask, scale_ptr, shift_ptr, c_first + offs_c, mask_c, RELU)
-            b_ptrs = w_ptr + ((tap * CIN_G + offs_c) * C_OUT)[:, None] + co[None, :]
-            b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    pid_m, pid_n, g = _program_tile(M, COUT_G, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
+    acc, n, oh, ow, mask_m, co, mask_n = _conv_mainloop(
+        x_ptr, w_ptr, scale_ptr, shift_ptr, pid_m, pid_n, g,
+        M, H, W, HO, WO, C_OUT, CIN_G, COUT_G, K_TOTAL, sxn, sxc, sxh, sxw,
+        KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+        PROLOGUE=PROLOGUE, PROLOGUE_RELU=RELU, K_FLAT=K_FLAT, INPUT_PRECISION=INPUT_PRECISION,
+        INDEX_64=INDEX_64, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
 
     # Epilogue: y once, then the tile's statistics from the fp32 accumulator.
-    if INDEX_64:
-        co = co.to(tl.int64)
     y_row = n * syn + oh * syh + ow * syw
     mask = mask_m[:, None] & mask_n[None, :]
     tl.store(y_ptr + (y_row[:, None] + (co * syc)[None, :]), acc.to(y_ptr.dtype.element_ty), mask=mask)
