@@ -31,10 +31,15 @@ class Match:
     bn: fx.Node
     conv: fx.Node | None
     add: fx.Node | None
-    residual: fx.Node | None
     relu: fx.Node | None
     relu_in_bn: bool  # timm's BatchNormAct2d with a ReLU: the ReLU is part of the BN module
     then: fx.Node | None = None  # training graphs: the conv or max pool that the recomputing op runs after the ReLU
+
+    @property
+    def residual(self) -> fx.Node | None:
+        """The add's other operand, read from the graph as it is now: an earlier rewrite may have replaced it
+        (a residual that is another match's output)."""
+        return _residual_of(self.add, self.bn) if self.add else None
 
     @property
     def last(self) -> fx.Node:
@@ -135,12 +140,11 @@ def find_matches(root: nn.Module, graph: fx.Graph, shared: set[int], training: b
         if not fusable:
             notes[node.target] = reason
             continue
-        match = Match(node, _fusable_conv(root, node.args[0], node, calls, shared), None, None, None, relu_in_bn)
+        match = Match(node, _fusable_conv(root, node.args[0], node, calls, shared), None, None, relu_in_bn)
         if not relu_in_bn:
             user = _only_user(node)
-            residual = None if user is None else _residual_of(user, node)
-            if residual is not None and user not in claimed:
-                match.add, match.residual = user, residual
+            if user is not None and _residual_of(user, node) is not None and user not in claimed:
+                match.add = user
             user = _only_user(match.last)
             if user is not None and user not in claimed and _is_relu(root, user) and user.args[0] is match.last:
                 match.relu = user
