@@ -3,10 +3,10 @@ they occur in a module's computation, found with torch.fx, one module at a time,
 
 For each module that is not already fused (a block rf.fuse converts by its class, or a module this pass
 rewrote before) and not one of PyTorch's or timm's layers: trace it shallowly in both modes (trace.py),
-find the patterns (match.py), register one GraphFusedStep per pattern under it (no parameters of its own,
-so state_dict keys do not change; a GraphRecomputingStep for a BN -> ReLU -> conv or max pool of the training
-graph) and make it run the rewritten graphs (trace.install). A module that
-cannot be traced is left as it is and reported; its children are still visited.
+find the patterns (match.py), register one GraphFusedStep per pattern under it (a GraphRecomputingStep for a
+BN -> ReLU -> conv or max pool of the training graph; no parameters of its own, so state_dict keys do not
+change) and make it run the rewritten graphs (trace.install). A module that cannot be traced is left as it
+is and reported; its children are still visited.
 """
 from collections import Counter
 

@@ -3,9 +3,9 @@ pattern found in a module's graph, one [conv ->] BN -> ReLU -> conv or max pool 
 one recomputing op), and one add -> ReLU of two values no BN step could take (the tail of an SE/ECA block:
 conv3 -> BN3 -> gate, then + shortcut -> ReLU).
 
-It holds references to the model's own conv and BN modules without registering them (they stay where
-they are, under their own names), so parameters, buffers and state_dict keys do not change; it has no
-state of its own besides FusedModule's fold cache.
+A step holds references to the model's own conv and BN modules (and the next conv or pool) without
+registering them (they stay where they are, under their own names), so parameters, buffers and state_dict
+keys do not change; it has no state of its own besides FusedModule's fold cache.
 """
 import torch
 import torch.distributed as dist
