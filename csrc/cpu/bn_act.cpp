@@ -25,6 +25,27 @@ void check_channels(const at::Tensor& t, int64_t channels, const char* name) {
               channels, "], got ", t.sizes());
 }
 
+// The values of a 1-D tensor of any floating dtype and stride, in double: the running statistics are updated in
+// double, as F.batch_norm does, without a converted copy of the buffers per call.
+std::vector<double> as_doubles(const at::Tensor& t) {
+  std::vector<double> values(t.size(0));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "bn_act_as_doubles", [&] {
+    const auto acc = t.accessor<scalar_t, 1>();
+    for (int64_t i = 0; i < t.size(0); ++i) values[i] = static_cast<double>(acc[i]);
+  });
+  return values;
+}
+
+// A new 1-D tensor with `like`'s dtype and device holding `values`, each rounded once.
+at::Tensor from_doubles(const std::vector<double>& values, const at::Tensor& like) {
+  at::Tensor t = at::empty({static_cast<int64_t>(values.size())}, like.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "bn_act_from_doubles", [&] {
+    scalar_t* p = t.data_ptr<scalar_t>();
+    for (size_t i = 0; i < values.size(); ++i) p[i] = static_cast<scalar_t>(values[i]);
+  });
+  return t;
+}
+
 // max(v, 0) that lets NaN through, as torch.relu does.
 template <typename Acc>
 Acc relu_of(const Acc& v) {
@@ -60,10 +81,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act(
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Preserve);
   at::Tensor save_mean = at::empty({channels}, x.options().dtype(opmath));
   at::Tensor save_invstd = at::empty({channels}, x.options().dtype(opmath));
-  // Running statistics in double, exactly as F.batch_norm updates them (unbiased variance); copies
-  // (copy=true), since for float64 statistics .to() would return the inputs themselves.
-  at::Tensor new_mean = running_mean.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  at::Tensor new_var = running_var.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  // Running statistics in double, exactly as F.batch_norm updates them (unbiased variance).
+  std::vector<double> new_mean = as_doubles(running_mean), new_var = as_doubles(running_var);
   const at::Tensor w_t = as_opmath(weight, opmath), b_t = as_opmath(bias, opmath);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_cpu", [&] {
@@ -72,8 +91,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act(
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     opmath_t* mean = save_mean.data_ptr<opmath_t>();
     opmath_t* invstd = save_invstd.data_ptr<opmath_t>();
-    double* rm = new_mean.data_ptr<double>();
-    double* rv = new_var.data_ptr<double>();
+    double* rm = new_mean.data();
+    double* rv = new_var.data();
     if (training && count > 0) {
       const Moments moments = moments_per_channel(view, xp);
       for (int64_t c = 0; c < channels; ++c) {
@@ -116,10 +135,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act(
     }
   });
   if (!training || count == 0) {  // the running statistics are returned unchanged
-    new_mean = running_mean.clone();
-    new_var = running_var.clone();
+    return {out, save_mean, save_invstd, running_mean.clone(), running_var.clone()};
   }
-  return {out, save_mean, save_invstd, new_mean.to(running_mean.scalar_type()), new_var.to(running_var.scalar_type())};
+  return {out, save_mean, save_invstd, from_doubles(new_mean, running_mean), from_doubles(new_var, running_var)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
@@ -144,8 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
   // Without grad_pre, the masked gradient is written into grad_x's buffer and grad_x computed over it in place.
   at::Tensor grad_pre = at::empty_like(x, at::MemoryFormat::Preserve);
   at::Tensor grad_x = need_grad_pre ? at::empty_like(x, at::MemoryFormat::Preserve) : grad_pre;
-  at::Tensor grad_weight = at::empty({channels}, weight.options().dtype(at::kDouble));
-  at::Tensor grad_bias = at::empty({channels}, weight.options().dtype(at::kDouble));
+  std::vector<double> grad_weight(channels), grad_bias(channels);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -170,8 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     // Pass 2: grad_x = a * g - a * mean(g) - a * invstd^2 * mean(g * (x - mean)) * (x - mean), a = w * invstd.
     // In eval the statistics are constants and only the first term remains.
     std::vector<opmath_t> a(channels), shift(channels), slope(channels);
-    double* gw = grad_weight.data_ptr<double>();
-    double* gb = grad_bias.data_ptr<double>();
+    double* gw = grad_weight.data();
+    double* gb = grad_bias.data();
     for (int64_t c = 0; c < channels; ++c) {
       const double sum_g = sums[c], sum_gx = sums[channels + c], is = invstd[c];
       gb[c] = sum_g;
@@ -188,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
           return std::array<Acc, 1>{in[0] * p[0] - p[1] - p[2] * (in[1] - p[3])};
         });
   });
-  return {grad_x, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type()),
+  return {grad_x, from_doubles(grad_weight, weight), from_doubles(grad_bias, weight),
           need_grad_pre ? grad_pre : at::empty({0}, x.options())};
 }
 
