@@ -1,15 +1,18 @@
-"""Training-mode activation memory, fused (rf.nn, rf.models) against eager (torchvision): ResNet blocks, and
-the whole ResNet-50 (also with low_memory=True).
+"""Training-mode activation memory, fused (rf.nn, rf.models, rf.fuse) against eager (torchvision, timm): ResNet
+blocks, the whole ResNet-50 (also with low_memory=True), and timm's ResNetV2-50 through rf.fuse's graph pass.
 
 Counts the bytes autograd keeps for the backward (every distinct storage a saved-tensor hook sees, less the
 parameters, which the model holds anyway), which is deterministic and the same on any device, and the peak
 memory allocated during forward + backward above what was allocated before (the allocator's view: the
 saved tensors, the gradients, every temporary; on a GPU cuDNN's workspaces, on a CPU oneDNN's). For
 blocks, the unit "activations" is the block input's size."""
+import importlib.util
+
 import torch
 import torchvision
 
 import resnet_fused as rf
+from resnet_fused import family
 
 TV = torchvision.models.resnet
 
@@ -78,8 +81,14 @@ BLOCKS = [("BasicBlock", TV.BasicBlock, rf.nn.BasicBlock, (64, 64)),
           ("Bottleneck", TV.Bottleneck, rf.nn.Bottleneck, (256, 64))]
 
 
+# The graph pass's model: pre-activation blocks, whose BN -> ReLU -> conv rf.fuse finds with torch.fx and runs
+# as recomputing ops in training (no block class of rf's own).
+GRAPH_MODEL = "timm/resnetv2_50"
+
+
 def run(batch, size, dtype, device, backends, model_size: int | None = None) -> list[dict]:
-    """Block rows at `size` x `size`; with model_size, ResNet-50 rows at model_size x model_size as well."""
+    """Block rows at `size` x `size`; with model_size, ResNet-50 rows (and GRAPH_MODEL's where timm is installed)
+    at model_size x model_size as well."""
     channels_last = dict(device=device, dtype=dtype, memory_format=torch.channels_last)
     rows = []
     for name, torchvision_block, fused_block, args in BLOCKS:
@@ -109,4 +118,12 @@ def run(batch, size, dtype, device, backends, model_size: int | None = None) -> 
         row = {"op": "model.memory", "block": "resnet50", "shape": f"resnet50 {model_size}x{model_size}",
                "batch": batch, "dtype": str(dtype)[6:]}
         rows += _measure(candidates, images, row)
+        if importlib.util.find_spec("timm") is not None:
+            torch.manual_seed(0)
+            eager = family.build(GRAPH_MODEL).to(**channels_last)
+            candidates = [("eager", eager)] + [(f"fused:{backend}", rf.fuse(eager, backend=backend))
+                                               for backend in backends]
+            name = GRAPH_MODEL.split("/")[1]
+            row = {**row, "block": name, "shape": f"{GRAPH_MODEL} {model_size}x{model_size} (rf.fuse)"}
+            rows += _measure(candidates, images, row)
     return rows

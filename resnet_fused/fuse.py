@@ -33,9 +33,11 @@ def fuse(model: nn.Module, backend: str | None = None, inplace: bool = False,
     Then the graph pass fuses conv -> BN [-> + residual] [-> ReLU] and BN [-> + residual] -> ReLU wherever
     else they occur (SE/ECA/SK blocks, pre-activation blocks, deep stems, torchvision's Conv2dNormActivation,
     ...): each module holding such a pattern is traced with torch.fx and becomes an instance of a subclass of
-    its class whose forward runs the fused graph (resnet_fused.graph_fuse). Patterns it cannot prove safe are
-    left alone; `report=True` returns `(model, FuseReport)`, which says for every BatchNorm layer, in
-    training and in eval, whether it was fused and why not.
+    its class whose forward runs the fused graph (resnet_fused.graph_fuse). In training, a [conv ->] BN -> ReLU
+    -> conv (or max pool) runs as the blocks' recomputing op (bn_relu_conv, bn_relu_max_pool), which keeps the
+    BN input for the backward instead of the ReLU output. Patterns it cannot prove safe are left alone;
+    `report=True` returns `(model, FuseReport)`, which says for every BatchNorm layer, in training and in
+    eval, whether it was fused (and, in training, whether it is recomputed) and why not.
     `inplace=False` converts a deep copy; with `inplace=True` the children are replaced in place,
     but a replaced root is a new object: use the returned model.
     """

@@ -1,17 +1,20 @@
 """The graph pass of rf.fuse (resnet_fused.graph_fuse): what it fuses, what it must leave alone (and says
-why), and the model-level guarantees: state_dict round trips, fusing twice, inplace=False, both modes,
-torch.compile and torch.export."""
+why), the recomputing ops it runs in training (and where it must not), and the model-level guarantees:
+state_dict round trips, fusing twice, inplace=False, both modes, torch.compile and torch.export."""
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_nn import randomize_bn, set_mode
+from test_nn import assert_same_step, randomize_bn, set_mode
+from test_recomputed_bn_relu import saved_storages
 from torch import nn
 
 import resnet_fused as rf
 from resnet_fused import family
-from resnet_fused.graph_fuse import GraphFusedAddReLU, GraphFusedStep
+from resnet_fused.graph_fuse import GraphFusedAddReLU, GraphFusedStep, GraphRecomputingStep
+from resnet_fused.graph_fuse import step as graph_step
+from resnet_fused.graph_fuse.report import RECOMPUTED
 
 timm = pytest.importorskip("timm")
 
@@ -90,6 +93,151 @@ def test_fuses_only_what_is_safe(module, eval_note):
     assert report.notes["eval"] == {"bn": eval_note} and report.notes["train"] == {"bn": eval_note}
     assert [step.conv is not None for step in steps(fused)] == ["conv+" in eval_note]
     assert_same(fused, original, torch.randn(2, 4, 6, 6, dtype=torch.float64))
+
+
+class RecomputingChain(nn.Module):
+    """Every recomputing pattern of a training graph: a stem (conv -> BN -> ReLU -> max pool), a pre-activation
+    BN -> ReLU -> conv (no conv before the BN; its input, the pool output, is also the residual), conv -> BN ->
+    ReLU -> conv, and the BN after that conv with the residual and ReLU. BNs with momentum=None, without affine
+    parameters, and as timm's BatchNormAct2d."""
+
+    def __init__(self, channels=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(channels)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.bn1 = nn.BatchNorm2d(channels, momentum=None)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = timm.layers.BatchNormAct2d(channels, affine=False)
+        self.conv2 = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        p = self.pool(F.relu(self.bn0(self.stem(x))))
+        y = self.conv2(self.bn2(self.conv1(torch.relu(self.bn1(p)))))
+        return F.relu(self.bn3(y) + p)
+
+
+CHAIN_NOTES = {
+    "train": {"bn0": f"fused (conv+bn+relu+max_pool; {RECOMPUTED})", "bn1": f"fused (bn+relu+conv; {RECOMPUTED})",
+              "bn2": f"fused (bn+relu+conv; {RECOMPUTED})", "bn3": "fused (bn+add+relu; its conv runs in bn2's step)"},
+    "eval": {"bn0": "fused (conv+bn+relu)", "bn1": "fused (bn+relu)", "bn2": "fused (conv+bn+relu)",
+             "bn3": "fused (conv+bn+add+relu)"},
+}
+
+
+def fused_backend():
+    if "cpu" not in rf.available_backends():
+        pytest.skip("the recomputing ops run on a fused backend; the cpu backend is not built here")
+    return "cpu"
+
+
+def chain_pair(backend):
+    torch.manual_seed(0)
+    original = randomize_bn(RecomputingChain()).double()
+    fused, report = rf.fuse(original, backend=backend, report=True)
+    return fused, original, report
+
+
+def test_training_graph_runs_the_recomputing_ops():
+    """The report names the recomputing BNs; a training step (output, every gradient, running statistics,
+    num_batches_tracked; two steps, for momentum=None) and eval equal the unfused model's in float64."""
+    fused, original, report = chain_pair(fused_backend())
+    assert report.notes == CHAIN_NOTES and report.recomputed() == ["bn0", "bn1", "bn2"]
+    assert "3 with " + RECOMPUTED in str(report)
+    assert sorted(type(step.then).__name__ for step in steps(fused) if isinstance(step, GraphRecomputingStep)) == \
+        ["Conv2d", "Conv2d", "MaxPool2d"]
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    assert_same_step(set_mode(fused, "train"), set_mode(original, "train"), x, steps=2)
+    assert_same(fused, original, x, modes=("eval",))
+
+
+def test_recomputing_ops_keep_the_bn_input_only():
+    """The fused model keeps exactly the three ReLU outputs and the pool's int64 indices less than the unfused
+    one (give or take per-channel statistics): without the recomputing ops it would keep them all."""
+    fused, original, _ = chain_pair(fused_backend())
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    kept = {name: sum(nbytes for nbytes, _ in saved_storages(lambda: model.train()(x), model.parameters()).values())
+            for name, model in (("unfused", original), ("fused", fused))}
+    relu_outputs = 8 * 2 * 8 * (16 * 16 + 8 * 8 + 8 * 8)  # float64: the stem's at 16x16, two after the pool at 8x8
+    indices = 8 * 2 * 8 * 8 * 8
+    assert abs(kept["unfused"] - kept["fused"] - (relu_outputs + indices)) < 1000, kept
+
+
+@pytest.mark.parametrize("backend, no_grad, mode, expected", [
+    ("cpu", False, "train", {"bn_relu_conv": 2, "bn_relu_max_pool": 1}),
+    ("reference", False, "train", {}),  # plain PyTorch, as the blocks on that backend
+    ("cpu", True, "train", {}),  # nothing is kept for a backward
+    ("cpu", False, "eval", {}),  # the eval graph: conv_bn_act with the folded weights
+])
+def test_recomputing_ops_only_where_the_blocks_use_them(monkeypatch, backend, no_grad, mode, expected):
+    if backend == "cpu":
+        fused_backend()
+    calls = {}
+
+    def counted(name, op):
+        def run(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return op(*args, **kwargs)
+        return run
+
+    for name in ("bn_relu_conv", "bn_relu_max_pool"):
+        monkeypatch.setattr(graph_step, name, counted(name, getattr(graph_step, name)))
+    fused, original, _ = chain_pair(backend)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.set_grad_enabled(not no_grad):
+        torch.testing.assert_close(set_mode(fused, mode)(x), set_mode(original, mode)(x), rtol=1e-9, atol=1e-9)
+    assert calls == expected
+
+
+def test_frozen_bn_in_a_training_graph_runs_the_plain_steps():
+    """A BN in eval mode inside a training module (frozen BN fine-tuning) is not recomputed: its step runs it
+    with its running statistics, then the next conv."""
+    fused, original, _ = chain_pair(fused_backend())
+    for model in (fused, original):
+        model.train()
+        model.bn1.eval()
+    assert_same_step(fused, original, torch.randn(2, 3, 16, 16, dtype=torch.float64))
+
+
+class NextConv(ConvBN):
+    def __init__(self, bias=False):
+        super().__init__()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=bias)
+
+
+class BNOutputFeedsTwo(NextConv):
+    def forward(self, x):
+        z = self.bn(self.conv(x))
+        return self.conv2(F.relu(z)) + z  # the BN output has a second user: conv + BN fuse, nothing is recomputed
+
+
+class ReLUOutputFeedsTwo(NextConv):
+    def forward(self, x):
+        a = F.relu(self.bn(self.conv(x)))
+        return self.conv2(a) + a  # the backward needs the ReLU output anyway: conv + BN + ReLU fuse
+
+
+class NextConvWithBias(NextConv):
+    def __init__(self):
+        super().__init__(bias=True)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.bn(self.conv(x))))  # bn_relu_conv takes no conv bias
+
+
+@pytest.mark.parametrize("module,note", [
+    (BNOutputFeedsTwo, "fused (conv+bn)"),
+    (ReLUOutputFeedsTwo, "fused (conv+bn+relu)"),
+    (NextConvWithBias, "fused (conv+bn+relu)"),
+])
+def test_no_recomputing_step_where_it_does_not_apply(module, note):
+    original = randomize_bn(module()).double()
+    fused, report = rf.fuse(original, report=True, backend=fused_backend())
+    assert report.notes == {"train": {"bn": note}, "eval": {"bn": note}} and not report.recomputed()
+    assert not any(isinstance(step, GraphRecomputingStep) for step in steps(fused))
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    assert_same_step(set_mode(fused, "train"), set_mode(original, "train"), x)
 
 
 class GatedTail(ConvBN):
@@ -247,3 +395,6 @@ def test_synchronized_batch_norm():
     fused = rf.fuse(TrainingBranch())
     converted = rf.nn.convert_sync_batchnorm(fused, process_group=group)
     assert type(converted.bn) is nn.BatchNorm2d and [step.process_group for step in steps(converted)] == [group]
+    chain = rf.nn.convert_sync_batchnorm(rf.fuse(RecomputingChain()), process_group=group)  # recomputing steps too
+    assert all(type(chain.get_submodule(f"bn{i}")) is not nn.SyncBatchNorm for i in range(4))
+    assert {step.process_group for step in steps(chain)} == {group}

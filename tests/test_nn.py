@@ -31,9 +31,10 @@ def randomize_bn(model: nn.Module) -> nn.Module:
     """Running statistics and affine parameters away from (0, 1, 1, 0), so using the wrong ones shows."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
                 m.running_mean.normal_(0, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.2)
     return model

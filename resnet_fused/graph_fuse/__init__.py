@@ -3,9 +3,10 @@ they occur in a module's computation, found with torch.fx, one module at a time,
 
 For each module that is not already fused (a block rf.fuse converts by its class, or a module this pass
 rewrote before) and not one of PyTorch's or timm's layers: trace it shallowly in both modes (trace.py),
-find the patterns (match.py), register one GraphFusedStep per pattern under it (no parameters of its own,
-so state_dict keys do not change) and make it run the rewritten graphs (trace.install). A module that
-cannot be traced is left as it is and reported; its children are still visited.
+find the patterns (match.py), register one GraphFusedStep per pattern under it (a GraphRecomputingStep for a
+BN -> ReLU -> conv or max pool of the training graph; no parameters of its own, so state_dict keys do not
+change) and make it run the rewritten graphs (trace.install). A module that cannot be traced is left as it
+is and reported; its children are still visited.
 """
 from collections import Counter
 
@@ -15,10 +16,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..nn.fused import FusedModule
 from .match import find_matches, remove_identities, rewrite
 from .report import FuseReport
-from .step import GraphFusedAddReLU, GraphFusedStep, sync_group
+from .step import GraphFusedAddReLU, GraphFusedStep, GraphRecomputingStep, sync_group
 from .trace import install, is_atomic, is_container, is_graph_fused, trace_both_modes
 
-__all__ = ["FuseReport", "GraphFusedAddReLU", "GraphFusedStep", "fuse_graphs", "sync_group"]
+__all__ = ["FuseReport", "GraphFusedAddReLU", "GraphFusedStep", "GraphRecomputingStep", "fuse_graphs", "sync_group"]
 
 _MODE_NAMES = {True: "train", False: "eval"}
 
@@ -61,21 +62,30 @@ def _visit(module, path, backend, shared, report, graph_notes, inlined: bool) ->
                inlined=traced and type(child) is nn.Sequential)
 
 
+def _new_step(targets: tuple, backend) -> GraphFusedStep:
+    return GraphRecomputingStep(*targets, backend) if len(targets) == 3 else GraphFusedStep(*targets, backend)
+
+
+def _step_name(module: nn.Module, match) -> str:
+    name = "fused_" + match.bn.target + ("_" + match.then.target if match.then else "")
+    return _free_name(module, name.replace(".", "_"))
+
+
 def _fuse_module(module: nn.Module, graphs: dict[bool, fx.Graph], backend, shared) -> dict[str, dict[str, str]]:
     notes, steps, found, add_relu_name = {}, {}, False, None
-    for training, graph in graphs.items():
+    for training, graph in sorted(graphs.items()):  # eval first: its steps keep the plain names (fused_bn1)
         remove_identities(module, graph)
-        matches, notes[_MODE_NAMES[training]], add_relus = find_matches(module, graph, shared)
+        matches, notes[_MODE_NAMES[training]], add_relus = find_matches(module, graph, shared, training)
         if add_relus and add_relu_name is None:  # one stateless module serves every add -> ReLU of the graph
             add_relu_name = _free_name(module, "fused_add_relu")
             module.add_module(add_relu_name, GraphFusedAddReLU(backend))
         names = {}
         for match in matches:
-            key = (match.bn.target, match.conv.target if match.conv else None)
+            targets = match.targets(module)
+            key = tuple(map(id, targets))  # the same modules in both modes: one step
             if key not in steps:
-                steps[key] = _free_name(module, "fused_" + match.bn.target.replace(".", "_"))
-                conv = module.get_submodule(match.conv.target) if match.conv else None
-                module.add_module(steps[key], GraphFusedStep(conv, module.get_submodule(match.bn.target), backend))
+                steps[key] = _step_name(module, match)
+                module.add_module(steps[key], _new_step(targets, backend))
             names[match.bn] = steps[key]
         rewrite(graph, matches, names, add_relus, add_relu_name)
         graph.lint()
@@ -92,14 +102,13 @@ def rebuild_graph_fused(cls: type, state: dict) -> nn.Module:
     module = cls.__new__(cls)
     module.__dict__.update(state)
     children = dict(module.named_children())
-    steps = {(id(c.conv), id(c.bn)): name for name, c in children.items() if isinstance(c, GraphFusedStep)}
+    steps = {tuple(map(id, c._targets)): name for name, c in children.items() if isinstance(c, GraphFusedStep)}
     add_relu_name = next((name for name, c in children.items() if isinstance(c, GraphFusedAddReLU)), None)
     graphs = trace_both_modes(module)
-    for graph in graphs.values():
+    for training, graph in graphs.items():
         remove_identities(module, graph)
-        matches, _, add_relus = find_matches(module, graph, shared=set())
-        key = lambda m: (id(module.get_submodule(m.conv.target)) if m.conv else id(None),  # noqa: E731
-                         id(module.get_submodule(m.bn.target)))
+        matches, _, add_relus = find_matches(module, graph, set(), training)
+        key = lambda m: tuple(map(id, m.targets(module)))  # noqa: E731
         kept = [m for m in matches if key(m) in steps]  # those fused before (the model's sharing is not known here)
         rewrite(graph, kept, {m.bn: steps[key(m)] for m in kept}, add_relus if add_relu_name else [], add_relu_name)
         graph.lint()

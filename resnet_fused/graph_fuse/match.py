@@ -5,6 +5,10 @@ Only what can be proven safe from the graph is fused: the conv output (the BN in
 fused step swallows have no other user, the conv and BN modules are called once in the graph and appear
 once in the model (a module called elsewhere must keep computing alone), and none of the modules whose
 call disappears has hooks (they would no longer run). Every BN met gets a note: how it was fused, or why not.
+
+In a training graph, a BN -> ReLU whose only user is a conv (or an nn.MaxPool2d) also takes that next op
+(`Match.then`): its step runs them as one recomputing op (bn_relu_conv, bn_relu_max_pool), and the match of
+the BN after that conv, if any, gives its conv up to it.
 """
 import operator
 import sys
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..nn.fused import is_fusable_conv, is_fusable_norm
+from .report import RECOMPUTED
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
@@ -26,13 +31,26 @@ class Match:
     bn: fx.Node
     conv: fx.Node | None
     add: fx.Node | None
-    residual: fx.Node | None
     relu: fx.Node | None
     relu_in_bn: bool  # timm's BatchNormAct2d with a ReLU: the ReLU is part of the BN module
+    then: fx.Node | None = None  # training graphs: the conv or max pool that the recomputing op runs after the ReLU
+
+    @property
+    def residual(self) -> fx.Node | None:
+        """The add's other operand, read from the graph as it is now: an earlier rewrite may have replaced it
+        (a residual that is another match's output)."""
+        return _residual_of(self.add, self.bn) if self.add else None
 
     @property
     def last(self) -> fx.Node:
-        return self.relu or self.add or self.bn
+        return self.then or self.relu or self.add or self.bn
+
+    def targets(self, root: nn.Module) -> tuple:
+        """The modules the step of this match computes, in the order its step holds them: (conv or None, bn),
+        and the next conv or pool when there is one."""
+        conv = _module(root, self.conv) if self.conv else None
+        bn = _module(root, self.bn)
+        return (conv, bn, _module(root, self.then)) if self.then else (conv, bn)
 
     def describe(self) -> str:
         parts = (["conv"] if self.conv else []) + ["bn"] + (["add"] if self.add else [])
@@ -100,9 +118,9 @@ def remove_identities(root: nn.Module, graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def find_matches(root: nn.Module, graph: fx.Graph, shared: set[int]):
-    """(the BN patterns of `graph` (traced from `root`), a note per BN call by module path, the add -> ReLU
-    pairs no BN pattern took)."""
+def find_matches(root: nn.Module, graph: fx.Graph, shared: set[int], training: bool):
+    """(the BN patterns of `graph` (traced from `root` in training or eval mode), a note per BN call by module
+    path, the add -> ReLU pairs no BN pattern took)."""
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -122,12 +140,11 @@ def find_matches(root: nn.Module, graph: fx.Graph, shared: set[int]):
         if not fusable:
             notes[node.target] = reason
             continue
-        match = Match(node, _fusable_conv(root, node.args[0], node, calls, shared), None, None, None, relu_in_bn)
+        match = Match(node, _fusable_conv(root, node.args[0], node, calls, shared), None, None, relu_in_bn)
         if not relu_in_bn:
             user = _only_user(node)
-            residual = None if user is None else _residual_of(user, node)
-            if residual is not None and user not in claimed:
-                match.add, match.residual = user, residual
+            if user is not None and _residual_of(user, node) is not None and user not in claimed:
+                match.add = user
             user = _only_user(match.last)
             if user is not None and user not in claimed and _is_relu(root, user) and user.args[0] is match.last:
                 match.relu = user
@@ -137,7 +154,40 @@ def find_matches(root: nn.Module, graph: fx.Graph, shared: set[int]):
             continue
         notes[node.target] = f"fused ({match.describe()})"
         matches.append(match)
+    if training:
+        _take_next_ops(root, matches, notes, calls, shared)
     return matches, notes, _add_relu_matches(root, graph, claimed)
+
+
+def _take_next_ops(root: nn.Module, matches: list[Match], notes: dict[str, str], calls, shared) -> None:
+    """Gives each BN -> ReLU match whose ReLU output feeds only a conv or max pool that op (Match.then), and
+    takes that conv from the match of the BN after it."""
+    by_conv = {match.conv: match for match in matches if match.conv is not None}
+    for match in matches:
+        if match.add is not None or not (match.relu or match.relu_in_bn):
+            continue  # the recomputing ops take a BN + ReLU only, no residual
+        then = _only_user(match.last)
+        if (then is None or then.op != "call_module" or then.args != (match.last,) or then.kwargs
+                or not _runs_in_recomputing_op(root, then, calls, shared)):
+            continue
+        match.then = then
+        kind = "conv" if isinstance(_module(root, then), nn.Conv2d) else "max_pool"
+        notes[match.bn.target] = f"fused ({match.describe()}+{kind}; {RECOMPUTED})"
+        after = by_conv.get(then)
+        if after is not None:
+            after.conv = None
+            notes[after.bn.target] = f"fused ({after.describe()}; its conv runs in {match.bn.target}'s step)"
+
+
+def _runs_in_recomputing_op(root: nn.Module, node: fx.Node, calls, shared) -> bool:
+    """Whether the op after a BN -> ReLU can run inside the recomputing op: a conv as bn_relu_conv takes it
+    (zero padding given as numbers, no bias; called once, no hooks), or an nn.MaxPool2d without indices or
+    hooks (bn_relu_max_pool)."""
+    module = _module(root, node)
+    if type(module) is nn.MaxPool2d:
+        return not module.return_indices and not _has_hooks(module)
+    return (is_fusable_conv(module) and not isinstance(module.padding, str) and module.bias is None
+            and calls[node.target] == 1 and id(module) not in shared and not _has_hooks(module))
 
 
 def _add_relu_matches(root: nn.Module, graph: fx.Graph, claimed: set) -> list[tuple[fx.Node, fx.Node]]:
@@ -175,8 +225,8 @@ def _why_no_conv(root, node, calls, shared) -> str | None:
 
 
 def rewrite(graph: fx.Graph, matches: list[Match], step_names: dict[fx.Node, str], add_relus, add_relu_name) -> None:
-    """Each match becomes one call_module of its step, step(x, residual, relu); each add -> ReLU pair one
-    call of the module named add_relu_name."""
+    """Each match becomes one call_module of its step, step(x, residual, relu), or step(x) for a match with a
+    next op; each add -> ReLU pair one call of the module named add_relu_name."""
     for add, relu in add_relus:
         with graph.inserting_before(relu):
             fused = graph.call_module(add_relu_name, add.args)
@@ -185,10 +235,11 @@ def rewrite(graph: fx.Graph, matches: list[Match], step_names: dict[fx.Node, str
         graph.erase_node(add)
     for match in matches:
         source = match.conv or match.bn
+        args = (source.args[0],) if match.then else (source.args[0], match.residual,
+                                                       match.relu is not None or match.relu_in_bn)
         with graph.inserting_before(match.last):
-            fused = graph.call_module(step_names[match.bn], (source.args[0], match.residual,
-                                                             match.relu is not None or match.relu_in_bn))
+            fused = graph.call_module(step_names[match.bn], args)
         match.last.replace_all_uses_with(fused)
-        for node in (match.relu, match.add, match.bn, match.conv):
+        for node in (match.then, match.relu, match.add, match.bn, match.conv):
             if node is not None:
                 graph.erase_node(node)

@@ -1,17 +1,20 @@
 """The fused modules that replace one conv -> BN [-> + residual] [-> ReLU] (or BN [-> + residual] -> ReLU)
-pattern found in a module's graph, and one add -> ReLU of two values no BN step could take (the tail of an
-SE/ECA block: conv3 -> BN3 -> gate, then + shortcut -> ReLU).
+pattern found in a module's graph, one [conv ->] BN -> ReLU -> conv or max pool of a training graph (run as
+one recomputing op), and one add -> ReLU of two values no BN step could take (the tail of an SE/ECA block:
+conv3 -> BN3 -> gate, then + shortcut -> ReLU).
 
-It holds references to the model's own conv and BN modules without registering them (they stay where
-they are, under their own names), so parameters, buffers and state_dict keys do not change; it has no
-state of its own besides FusedModule's fold cache.
+A step holds references to the model's own conv and BN modules (and the next conv or pool) without
+registering them (they stay where they are, under their own names), so parameters, buffers and state_dict
+keys do not change; it has no state of its own besides FusedModule's fold cache.
 """
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from ..ops import add_act, bn_act
-from ..nn.fused import FusedModule, _cast, _trains, compute_dtype
+from ..ops.recomputed_bn_relu import bn_relu_conv, bn_relu_max_pool
+from ..nn.fused import FusedModule, _cast, _conv_args, _trains, compute_dtype
 
 
 def _conv_output_shape(x: torch.Tensor, conv: nn.Conv2d) -> tuple:
@@ -58,7 +61,7 @@ class GraphFusedStep(FusedModule):
         return [self.bn]
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
-        conv, bn = self._targets
+        conv, bn = self._targets[:2]
         if residual is not None:
             shape = tuple(x.shape) if conv is None else _conv_output_shape(x, conv)
             if tuple(residual.shape) != shape:
@@ -74,6 +77,44 @@ class GraphFusedStep(FusedModule):
     def extra_repr(self) -> str:
         kind = "bn" if self.conv is None else "conv, bn"
         return ", ".join(p for p in (kind, super().extra_repr()) if p)
+
+
+class GraphRecomputingStep(GraphFusedStep):
+    """then(relu(bn(conv(x)))) for a [conv ->] BN -> ReLU -> `then` of a training graph, `then` a conv (no bias,
+    numeric padding) or an nn.MaxPool2d (no indices); conv may be None.
+
+    Where the blocks would (FusedModule._recomputes: eager, autograd on, a fused backend, bn in training mode)
+    the conv runs alone and BN + ReLU + `then` as one op, bn_relu_conv or bn_relu_max_pool, which keeps the
+    BN input for the backward instead of the ReLU output (and, for the pool, its indices). Otherwise the
+    steps run one after the other: conv + BN + ReLU as GraphFusedStep runs them, then `then`."""
+
+    def __init__(self, conv: nn.Conv2d | None, bn: nn.Module, then: nn.Module, backend: str | None = None):
+        super().__init__(conv, bn, backend)
+        self._targets = (conv, bn, then)
+
+    @property
+    def then(self) -> nn.Module:
+        return self._targets[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn, then = self._targets
+        is_conv = isinstance(then, nn.Conv2d)
+        # A BN on x itself runs in x's dtype; autocast would run the next conv in another one: not one op.
+        if (self._recomputes(x, [bn], [then] if is_conv else []) and (is_conv or not then.return_indices)
+                and (conv is not None or x.dtype == compute_dtype(x))):
+            y = x if conv is None else self._conv(x, conv)
+            if is_conv:
+                return bn_relu_conv(y, **self._training_bn_args(bn), conv_weight=_cast(then.weight, y.dtype),
+                                    **_conv_args(then))
+            return bn_relu_max_pool(y, **self._training_bn_args(bn), kernel_size=_pair(then.kernel_size),
+                                    stride=_pair(then.stride), padding=_pair(then.padding),
+                                    dilation=_pair(then.dilation), ceil_mode=then.ceil_mode)
+        y = super().forward(x, None, relu=True)
+        return self._conv(y, then) if is_conv else then(y)
+
+    def extra_repr(self) -> str:
+        kind = ("bn" if self.conv is None else "conv, bn") + ", relu, " + type(self.then).__name__
+        return ", ".join(p for p in (kind, FusedModule.extra_repr(self)) if p)
 
 
 class GraphFusedAddReLU(FusedModule):
