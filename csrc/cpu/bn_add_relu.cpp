@@ -62,9 +62,11 @@ at::Tensor bn_add_relu(const at::Tensor& y_in, const at::Tensor& scale, const at
     auto relu = [](const Acc& v) { return at::vec::maximum(v, Acc(0)); };  // NaN passes, as in torch.relu
     if (affine) {
       // One shift for both BNs: shift[c] + residual_shift[c].
-      const std::vector<opmath_t> rs = values_of<opmath_t>(*residual_scale), rt = values_of<opmath_t>(*residual_shift);
+      const std::vector<opmath_t> rs = values_of<opmath_t>(*residual_scale);
+      const std::vector<opmath_t> rt = values_of<opmath_t>(*residual_shift);
       for (int64_t c = 0; c < channels; ++c) t[c] += rt[c];
-      map_per_channel<scalar_t, 2, 1, 3>(view, {yp, r.const_data_ptr<scalar_t>()}, {op}, {s.data(), t.data(), rs.data()},
+      map_per_channel<scalar_t, 2, 1, 3>(view, {yp, r.const_data_ptr<scalar_t>()}, {op},
+                                         {s.data(), t.data(), rs.data()},
                                          [&](const auto& in, const auto& p) {
                                            return std::array<Acc, 1>{relu(at::vec::fmadd(
                                                in[1], p[2], at::vec::fmadd(in[0], p[0], p[1])))};

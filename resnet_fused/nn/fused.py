@@ -188,7 +188,8 @@ class FusedModule(nn.Module):
     def _conv_bn_steps(self, x: torch.Tensor, steps, residual: torch.Tensor | None,
                        low_memory: bool = False, owns_residual: bool = False) -> torch.Tensor:
         """A block's main path: relu(bn(conv(x))) through `steps`, [(key, conv, bn), ...], the last step adding
-        `residual` before its ReLU (into `residual` itself in inference, when the caller `owns_residual`). In training, each BN + ReLU that feeds another conv runs inside that
+        `residual` before its ReLU (into `residual` itself in inference, when the caller `owns_residual`). In
+        training, each BN + ReLU that feeds another conv runs inside that
         conv's op (bn_relu_conv), which keeps the BN input rather than the ReLU output for the backward; with
         `low_memory`, the last conv and BN run in the op of the BN + ReLU before them as well
         (bn_relu_conv_bn_act), which recomputes the last conv's output in the backward instead of keeping it."""
