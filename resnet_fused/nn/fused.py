@@ -38,7 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..backends import has_kernel, resolve_backend, supports_dtype
 from ..ops import bn_act, conv_bn_act, conv_stats, fold_bn
 from ..ops._layout import output_memory_format
-from ..ops.conv_bn_act import conv_bn_act_into_residual, conv_output_shape
+from ..ops.conv_bn_act import conv_bn_act_into_residual, conv_output_shape, plain_conv
 from ..ops.conv_stats import bn_add_relu
 from ..ops.recomputed_bn_relu import bn_relu_conv, bn_relu_conv_bn_act
 
@@ -65,6 +65,8 @@ def check_input(x, channels: int, who: str) -> None:
         raise ValueError(f"{who} expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] != channels:
         raise ValueError(f"{who} expects {channels} input channels, got x of shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{who} expects a floating-point input, got {x.dtype}")
 
 
 def is_fusable_conv(module) -> bool:
@@ -288,10 +290,10 @@ class FusedModule(nn.Module):
                     process_group=self.process_group if bn.training else None)  # as _batch_norm decides
 
     def _conv(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-        """conv(x) alone, on the module's backend, in the compute dtype."""
+        """conv(x) alone, on the module's backend (see plain_conv), in the compute dtype."""
         dtype = compute_dtype(x)
-        return conv_bn_act(_cast(x, dtype), _cast(conv.weight, dtype), _cast(conv.bias, dtype), None,
-                           **_conv_args(conv), relu=False, backend=self.backend)
+        return plain_conv(_cast(x, dtype), _cast(conv.weight, dtype), _cast(conv.bias, dtype), **_conv_args(conv),
+                          backend=self.backend)
 
     def _bn_bookkeeping(self, bn: _BatchNorm):
         """nn.BatchNorm2d.forward's bookkeeping, line for line: (momentum, running_mean, running_var)."""

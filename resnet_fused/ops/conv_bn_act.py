@@ -53,6 +53,19 @@ def conv_bn_act(x, weight, bias=None, residual=None, *, stride=1, padding=0, dil
     return op(x, weight, bias, residual, list(stride), list(padding), list(dilation), groups, relu)
 
 
+def plain_conv(x, weight, bias, *, stride, padding, dilation, groups, backend):
+    """conv2d(x, weight, bias) alone, in x's memory format, for the training paths (whose BN runs apart): on the
+    cpu backend ATen's convolution (F.conv2d), which makes the oneDNN call conv_bn_act would make with no epilogue
+    to fuse, without conv_bn_act's Python argument checks and Python autograd wrapper (tens of microseconds a
+    call, paid per conv in a training step; F.conv2d's autograd is C++); on other backends conv_bn_act with no
+    epilogue. The arguments are a module's own, already valid."""
+    if resolve_backend("conv_bn_act", backend, x.device, x.dtype) == "cpu":
+        out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return out.contiguous(memory_format=output_memory_format(x))
+    return conv_bn_act(x, weight, bias, None, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                       relu=False, backend=backend)
+
+
 def conv_bn_act_into_residual(x, weight, bias, residual, *, stride=1, padding=0, dilation=1, groups=1, relu=True):
     """`conv_bn_act` on the cpu backend, written into `residual`'s own memory, which is returned: for a caller
     that owns `residual` (nothing reads it afterwards) and needs no gradient, such as a ResNet's blocks in

@@ -33,9 +33,15 @@ from ..backends import resolve_backend
 from ._layout import dense, output_memory_format
 from ._no_double_backward import differentiable_once
 from .bn_act import backend_ops
-from .conv_bn_act import conv_bn_act
+from .conv_bn_act import plain_conv
 from .conv_stats import bn_add_relu
 from .sync_bn import bn_backward, bn_forward
+
+
+# These functions differentiate the ops they call themselves: calling those below the autograd dispatch keys
+# skips the custom ops' Python autograd wrappers (torch.library), which would only find that no gradient is
+# needed, at about 10 us a call.
+_below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
 def _affine(x, weight, bias, running_mean):
@@ -67,10 +73,11 @@ class _BatchNorm:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
         forward_op, _ = backend_ops(self.name)
         untracked = running_mean is None  # the kernels take running statistics: give them scratch ones
-        out, mean, invstd, new_mean, new_var = forward_op(
-            x, weight, bias, residual, torch.zeros_like(weight) if untracked else running_mean,
-            torch.ones_like(weight) if untracked else running_var, True, float(momentum), float(eps), relu,
-        )
+        with _below_autograd():
+            out, mean, invstd, new_mean, new_var = forward_op(
+                x, weight, bias, residual, torch.zeros_like(weight) if untracked else running_mean,
+                torch.ones_like(weight) if untracked else running_var, True, float(momentum), float(eps), relu,
+            )
         if not untracked:
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
@@ -81,15 +88,17 @@ class _BatchNorm:
         if self.group is not None:
             return bn_backward(grad_out, out, x, weight, mean, invstd, total, relu, self.group)
         _, backward_op = backend_ops(self.name)
-        return backward_op(grad_out, out, x, weight, mean, invstd, True, relu, need_grad_pre)
+        with _below_autograd():
+            return backward_op(grad_out, out, x, weight, mean, invstd, True, relu, need_grad_pre)
 
 
 def _relu_output(x, weight, bias, mean, invstd, backend: str):
     """relu(batch_norm(x)) from the saved batch statistics, in x's dtype and layout: one pass on the backends with a
     bn_add_relu kernel (see there), `backend` being the resolved one."""
     scale = weight.to(mean.dtype) * invstd
-    return bn_add_relu(x, scale, bias.to(mean.dtype) - mean * scale, backend=backend).contiguous(
-        memory_format=output_memory_format(x))
+    with _below_autograd():
+        y = bn_add_relu(x, scale, bias.to(mean.dtype) - mean * scale, backend=backend)
+    return y.contiguous(memory_format=output_memory_format(x))
 
 
 # The op after the ReLU. forward(y, tensors, bn) -> (out, saved): `tensors` are its differentiable inputs, `saved`
@@ -105,8 +114,8 @@ class ConvNext:
     groups: int
 
     def conv(self, y, weight, backend):
-        return conv_bn_act(y, weight, None, None, stride=self.stride, padding=self.padding, dilation=self.dilation,
-                           groups=self.groups, relu=False, backend=backend)
+        return plain_conv(y, weight, None, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                          groups=self.groups, backend=backend)
 
     def conv_backward(self, grad_out, y, weight, need_y: bool, need_weight: bool):
         grad_y, grad_weight, _ = torch.ops.aten.convolution_backward(
