@@ -11,6 +11,7 @@
 
 #include "kernels.h"
 #include "loops.h"
+#include "per_channel.h"
 
 namespace resnet_fused::cpu {
 namespace {
@@ -18,22 +19,6 @@ namespace {
 // Per-channel parameters in the accumulation type: BN weights may be fp32 while x is fp16/bf16.
 at::Tensor as_opmath(const at::Tensor& t, at::ScalarType opmath) {
   return t.to(opmath).contiguous();
-}
-
-void check_channels(const at::Tensor& t, int64_t channels, const char* name) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, "bn_act: ", name, " must have shape [",
-              channels, "], got ", t.sizes());
-}
-
-// The values of a 1-D tensor of any floating dtype and stride, in double: the running statistics are updated in
-// double, as F.batch_norm does, without a converted copy of the buffers per call.
-std::vector<double> as_doubles(const at::Tensor& t) {
-  std::vector<double> values(t.size(0));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "bn_act_as_doubles", [&] {
-    const auto acc = t.accessor<scalar_t, 1>();
-    for (int64_t i = 0; i < t.size(0); ++i) values[i] = static_cast<double>(acc[i]);
-  });
-  return values;
 }
 
 // A new 1-D tensor with `like`'s dtype and device holding `values`, each rounded once.
@@ -60,10 +45,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act(
     const at::Tensor& running_var, bool training, double momentum, double eps, bool relu) {
   TORCH_CHECK(x_in.dim() == 4, "bn_act: x must be 4-D (N, C, H, W), got ", x_in.sizes());
   const int64_t channels = x_in.size(1);
-  check_channels(weight, channels, "weight");
-  check_channels(bias, channels, "bias");
-  check_channels(running_mean, channels, "running_mean");
-  check_channels(running_var, channels, "running_var");
+  check_per_channel("bn_act", weight, channels, "weight");
+  check_per_channel("bn_act", bias, channels, "bias");
+  check_per_channel("bn_act", running_mean, channels, "running_mean");
+  check_per_channel("bn_act", running_var, channels, "running_var");
   const bool has_residual = residual.has_value() && residual->defined();
   TORCH_CHECK(!has_residual || residual->sizes() == x_in.sizes(),
               "bn_act: residual must have x's shape ", x_in.sizes(), ", got ", residual->sizes());
@@ -82,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act(
   at::Tensor save_mean = at::empty({channels}, x.options().dtype(opmath));
   at::Tensor save_invstd = at::empty({channels}, x.options().dtype(opmath));
   // Running statistics in double, exactly as F.batch_norm updates them (unbiased variance).
-  std::vector<double> new_mean = as_doubles(running_mean), new_var = as_doubles(running_var);
+  std::vector<double> new_mean = values_as<double>(running_mean), new_var = values_as<double>(running_var);
   const at::Tensor w_t = as_opmath(weight, opmath), b_t = as_opmath(bias, opmath);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_cpu", [&] {

@@ -8,30 +8,17 @@
 
 #include "kernels.h"
 #include "loops.h"
+#include "per_channel.h"
 
 namespace resnet_fused::cpu {
-namespace {
-
-void check_channels(const at::Tensor& t, int64_t channels, const char* name) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, "bn_add_relu: ", name, " must have shape [", channels,
-              "], got ", t.sizes());
-}
-
-template <typename T>
-std::vector<T> values_of(const at::Tensor& t) {
-  const at::Tensor c = t.to(c10::CppTypeToScalarType<T>::value).contiguous();
-  return std::vector<T>(c.const_data_ptr<T>(), c.const_data_ptr<T>() + c.numel());
-}
-
-}  // namespace
 
 at::Tensor bn_add_relu(const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& shift,
                        const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_scale,
                        const std::optional<at::Tensor>& residual_shift) {
   TORCH_CHECK(y_in.dim() == 4, "bn_add_relu: y must be 4-D (N, C, H, W), got ", y_in.sizes());
   const int64_t channels = y_in.size(1);
-  check_channels(scale, channels, "scale");
-  check_channels(shift, channels, "shift");
+  check_per_channel("bn_add_relu", scale, channels, "scale");
+  check_per_channel("bn_add_relu", shift, channels, "shift");
   const bool has_residual = residual.has_value() && residual->defined();
   const bool affine = residual_scale.has_value() && residual_scale->defined();
   TORCH_CHECK(affine == (residual_shift.has_value() && residual_shift->defined()),
@@ -42,8 +29,8 @@ at::Tensor bn_add_relu(const at::Tensor& y_in, const at::Tensor& scale, const at
   TORCH_CHECK(!has_residual || residual->scalar_type() == y_in.scalar_type(), "bn_add_relu: y and residual dtypes "
               "differ (", y_in.scalar_type(), " vs ", residual->scalar_type(), ")");
   if (affine) {
-    check_channels(*residual_scale, channels, "residual_scale");
-    check_channels(*residual_shift, channels, "residual_shift");
+    check_per_channel("bn_add_relu", *residual_scale, channels, "residual_scale");
+    check_per_channel("bn_add_relu", *residual_shift, channels, "residual_shift");
   }
 
   const auto format = output_memory_format(y_in);
@@ -55,15 +42,15 @@ at::Tensor bn_add_relu(const at::Tensor& y_in, const at::Tensor& scale, const at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_add_relu_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     using Acc = Vectorized<opmath_t>;
-    const std::vector<opmath_t> s = values_of<opmath_t>(scale);
-    std::vector<opmath_t> t = values_of<opmath_t>(shift);
+    const std::vector<opmath_t> s = values_as<opmath_t>(scale);
+    std::vector<opmath_t> t = values_as<opmath_t>(shift);
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     auto relu = [](const Acc& v) { return at::vec::maximum(v, Acc(0)); };  // NaN passes, as in torch.relu
     if (affine) {
       // One shift for both BNs: shift[c] + residual_shift[c].
-      const std::vector<opmath_t> rs = values_of<opmath_t>(*residual_scale);
-      const std::vector<opmath_t> rt = values_of<opmath_t>(*residual_shift);
+      const std::vector<opmath_t> rs = values_as<opmath_t>(*residual_scale);
+      const std::vector<opmath_t> rt = values_as<opmath_t>(*residual_shift);
       for (int64_t c = 0; c < channels; ++c) t[c] += rt[c];
       map_per_channel<scalar_t, 2, 1, 3>(view, {yp, r.const_data_ptr<scalar_t>()}, {op},
                                          {s.data(), t.data(), rs.data()},

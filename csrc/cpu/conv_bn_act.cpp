@@ -17,6 +17,7 @@
 
 #include "kernels.h"
 #include "loops.h"
+#include "per_channel.h"
 
 namespace resnet_fused::cpu {
 namespace {
@@ -89,9 +90,10 @@ ConvPlan plan_conv(const char* op, const at::Tensor& x_in, const at::Tensor& wei
   const at::Tensor& x = plan.x;
   const int64_t channels = weight.size(0);
   const bool has_bias = bias.has_value() && bias->defined();
-  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == channels), op, ": bias must have shape [",
-              channels, "], got ", bias->sizes());
-  if (has_bias) plan.bias = bias->contiguous();
+  if (has_bias) {
+    check_per_channel(op, *bias, channels, "bias");
+    plan.bias = bias->contiguous();
+  }
 
   // The output's shape, checked against the residual's before oneDNN writes into the residual's buffer.
   plan.out_shape = at::native::conv_output_size(x.sizes(), weight.sizes(), padding, stride, dilation);
