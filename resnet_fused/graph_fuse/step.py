@@ -13,18 +13,17 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ..ops import add_act, bn_act
+from ..ops.conv_bn_act import conv_output_shape
 from ..ops.recomputed_bn_relu import bn_relu_conv, bn_relu_max_pool
 from ..nn.fused import FusedModule, _cast, _conv_args, _trains, compute_dtype
 
 
 def _conv_output_shape(x: torch.Tensor, conv: nn.Conv2d) -> tuple:
+    """conv_output_shape for a module's conv, string paddings included ('same' keeps x's size)."""
     if conv.padding == "same":
-        spatial = tuple(x.shape[2:])
-    else:
-        padding = (0, 0) if conv.padding == "valid" else conv.padding
-        spatial = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
-                        zip(x.shape[2:], padding, conv.dilation, conv.kernel_size, conv.stride))
-    return (x.shape[0], conv.out_channels, *spatial)
+        return (x.shape[0], conv.out_channels, *x.shape[2:])
+    padding = (0, 0) if conv.padding == "valid" else conv.padding
+    return tuple(conv_output_shape(x, conv.weight, conv.stride, padding, conv.dilation))
 
 
 def sync_group(norms):
