@@ -91,6 +91,8 @@ BN_CASES = [
     BNCase("no_relu", (2, 6, 4, 4), relu=False),
     BNCase("one_pixel", (5, 4, 1, 1)),
     BNCase("batch0", (0, 3, 4, 4)),
+    # More channels than one register block of the CPU kernels' NHWC reductions (64 or 128), plus a tail.
+    BNCase("wide_131ch", (2, 131, 2, 3)),
 ]
 
 

@@ -99,22 +99,62 @@ def test_opcheck(case, memory_format, training, requires_grad, dtype, device):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
-@pytest.mark.parametrize("case", BN_CASES[:3], ids=CASE_IDS[:3])
+@pytest.mark.parametrize("case", BN_CASES[:3] + [c for c in BN_CASES if not c.relu], ids=lambda c: c.name)
 def test_backward_without_grad_pre(case, memory_format, training, device):
     """need_grad_pre=False: grad_pre comes back empty, and grad_x (computed in place over the masked gradient on
-    the CPU) is bit for bit the one computed beside a grad_pre."""
+    the CPU) is bit for bit the one computed beside a grad_pre; without ReLU, grad_pre is grad_out."""
     if "cpu" not in backends_for("bn_act", "cpu"):
         pytest.skip("the C++ library is not loaded")
     x, weight, bias, running_mean, running_var, residual = bn_sample(case, torch.float32, device, memory_format)
     args = (x, weight, bias, residual, running_mean, running_var, training, 0.1, 1e-5, case.relu)
     out, save_mean, save_invstd, _, _ = torch.ops.resnet_fused.bn_act(*args)
-    backward_args = (torch.randn_like(out), out, x, weight, save_mean, save_invstd, training, case.relu)
+    grad_out = torch.randn_like(out)
+    backward_args = (grad_out, out, x, weight, save_mean, save_invstd, training, case.relu)
     with_pre = torch.ops.resnet_fused.bn_act_backward(*backward_args)
     without_pre = torch.ops.resnet_fused.bn_act_backward(*backward_args, need_grad_pre=False)
     assert without_pre[3].shape == (0,)
+    if not case.relu:
+        assert torch.equal(with_pre[3], grad_out) and with_pre[3].data_ptr() != grad_out.data_ptr()
     for got, want in zip(without_pre[:3], with_pre[:3]):
         assert torch.equal(got, want) and got.stride() == want.stride()
     torch.library.opcheck(torch.ops.resnet_fused.bn_act_backward.default, (*backward_args, False))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_raises(backend, device):
+    """The backward treats the batch statistics' gradient terms as done: a second derivative would be wrong, so it
+    raises, through rf.bn_act's eager autograd as through the op's registered one."""
+    skip_unless_runs("bn_act", backend, device, torch.float32)
+    if backend == "reference":
+        pytest.skip("the reference is plain PyTorch, twice differentiable")
+    case = BN_CASES[0]
+    sample = bn_sample(case, torch.float32, device, requires_grad=True)
+    x = sample[0]
+    for fn in (lambda: call(rf.bn_act, sample, case, True, backend=backend),
+               lambda: torch.compile(lambda: call(rf.bn_act, sample, case, True, backend=backend), backend="eager")()):
+        grad_x, = torch.autograd.grad(fn().square().sum(), x, create_graph=True)
+        with pytest.raises(NotImplementedError, match="double backward"):
+            torch.autograd.grad(grad_x.sum(), x)
+
+
+@pytest.mark.parametrize("shape, memory_format", [((4, 131, 33, 33), "nhwc"), ((2, 3, 70, 70), "nchw")],
+                         ids=["nhwc-pieces-and-chunks", "nchw-chunks"])
+def test_cpu_statistics_accurate_far_from_zero(shape, memory_format):
+    """A mean 1e4 times the spread, over several chunks and pieces of the CPU reduction: fp32
+    E[x^2] - E[x]^2 loses everything, the per-chunk centred sums merged with Chan's formula do not."""
+    if not rf.build_info()["cpu_compiled"]:
+        pytest.skip("the CPU kernels are not built")
+    torch.manual_seed(0)
+    exact = 1e4 + torch.randn(shape, dtype=torch.float64)
+    x = exact.float().contiguous(memory_format=MEMORY_FORMATS[memory_format])
+    exact_var, exact_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    c = shape[1]
+    ones, zeros = torch.ones(c), torch.zeros(c)
+    _, mean, invstd, _, _ = torch.ops.resnet_fused.bn_act(x, ones, zeros, None, zeros, ones, True, 0.1, 0.0, False)
+    torch.testing.assert_close(mean.double(), exact_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(invstd.double(), exact_var.rsqrt(), rtol=1e-4, atol=0)
+    naive = (x * x).mean(dim=(0, 2, 3)) - x.mean(dim=(0, 2, 3)) ** 2
+    assert (naive.double() - exact_var).abs().max() > 0.1 * exact_var.max(), "the test lost its teeth"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -136,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
   const auto format = output_memory_format(x_in);
   const at::Tensor x = x_in.contiguous(format);
   const at::Tensor grad_out = grad_out_in.contiguous(format);
-  const at::Tensor out = out_in.contiguous(format);
+  const at::Tensor out = relu ? out_in.contiguous(format) : at::Tensor();  // only for the ReLU mask
   const ChannelView view = ChannelView::of(x, format);
   const int64_t count = view.n * view.s;
   const auto opmath = at::toOpMathType(x.scalar_type());
@@ -144,9 +144,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
   const at::Tensor mean_t = save_mean.to(opmath).contiguous();
   const at::Tensor invstd_t = save_invstd.to(opmath).contiguous();
 
-  // Without grad_pre, the masked gradient is written into grad_x's buffer and grad_x computed over it in place.
-  at::Tensor grad_pre = at::empty_like(x, at::MemoryFormat::Preserve);
-  at::Tensor grad_x = need_grad_pre ? at::empty_like(x, at::MemoryFormat::Preserve) : grad_pre;
+  // With ReLU, pass 1 writes the masked gradient, which pass 2 reads; without grad_pre, into grad_x's buffer, and
+  // grad_x is computed over it in place. Without ReLU the gradient is grad_out itself: nothing to write.
+  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Preserve);
+  at::Tensor grad_pre = !relu ? (need_grad_pre ? grad_out.clone(at::MemoryFormat::Preserve) : at::Tensor())
+                              : need_grad_pre ? at::empty_like(x, at::MemoryFormat::Preserve) : grad_x;
   std::vector<double> grad_weight(channels), grad_bias(channels);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_cpu", [&] {
@@ -156,18 +158,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     const opmath_t* mean = mean_t.const_data_ptr<opmath_t>();
     const opmath_t* invstd = invstd_t.const_data_ptr<opmath_t>();
     const opmath_t* w = w_t.const_data_ptr<opmath_t>();
-    scalar_t* gpp = grad_pre.data_ptr<scalar_t>();
+    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
 
-    // Pass 1: g = grad_out where the output is positive (the ReLU's gradient), written out as grad_pre (the
-    // residual's gradient, and what pass 2 reads), with sum(g) and sum(g * (x - mean)).
+    // Pass 1: sum(g) and sum(g * (x - mean)) of g, the gradient before the ReLU: grad_out where the output is
+    // positive, written out (the residual's gradient, and what pass 2 reads); without ReLU, grad_out.
     const std::array<const opmath_t*, 1> centre{mean};
-    auto masked_sums = [&](const auto& in, const auto& p) {
-      const Acc g = relu ? Acc::blendv(Acc(0), in[0], in[2] > Acc(0)) : in[0];
-      return std::array<Acc, 3>{g, g * (in[1] - p[0]), g};
-    };
-    const std::vector<double> sums = sum_per_channel<scalar_t, 3, 2, 1, 1>(
-        view, {grad_out.const_data_ptr<scalar_t>(), xp, out.const_data_ptr<scalar_t>()}, {gpp}, centre,
-        masked_sums);
+    std::vector<double> sums;
+    if (relu) {
+      sums = sum_per_channel<scalar_t, 3, 2, 1, 1>(
+          view, {gp, xp, out.const_data_ptr<scalar_t>()}, {grad_pre.data_ptr<scalar_t>()}, centre,
+          [](const auto& in, const auto& p) {
+            const Acc g = Acc::blendv(Acc(0), in[0], in[2] > Acc(0));
+            return std::array<Acc, 3>{g, g * (in[1] - p[0]), g};
+          });
+      gp = grad_pre.const_data_ptr<scalar_t>();
+    } else {
+      sums = sum_per_channel<scalar_t, 2, 2, 0, 1>(view, {gp, xp}, {}, centre, [](const auto& in, const auto& p) {
+        return std::array<Acc, 2>{in[0], in[0] * (in[1] - p[0])};
+      });
+    }
 
     // Pass 2: grad_x = a * g - a * mean(g) - a * invstd^2 * mean(g * (x - mean)) * (x - mean), a = w * invstd.
     // In eval the statistics are constants and only the first term remains.
@@ -186,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     }
     const std::array<const opmath_t*, 4> params{a.data(), shift.data(), slope.data(), mean};
     map_per_channel<scalar_t, 2, 1, 4>(
-        view, {gpp, xp}, {grad_x.data_ptr<scalar_t>()}, params, [](const auto& in, const auto& p) {
+        view, {gp, xp}, {grad_x.data_ptr<scalar_t>()}, params, [](const auto& in, const auto& p) {
           return std::array<Acc, 1>{in[0] * p[0] - p[1] - p[2] * (in[1] - p[3])};
         });
   });

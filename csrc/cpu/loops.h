@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/OpMathType.h>
@@ -136,6 +137,92 @@ void sweep_segment(int64_t offset, int64_t count, int64_t channel, const std::ar
   }
 }
 
+// NHWC: per-channel sums over the rows [first, last) of fn's first kTerms results (fn as for sweep_segment),
+// stored to sums[t * padded(C) + c]; fn's other kOut results are stored to out[o]. One block of channels at a
+// time, its sums in registers down the rows: a sum kept in memory is loaded and stored once per row, and a
+// narrow row (64 channels: 4 vectors) leaves too few independent sums to hide that store-to-load latency.
+// Lanes past C (a tail load's zeros) hold sums nobody reads.
+template <typename scalar_t, int kIn, int kParams, int kTerms, int kOut, typename Fn>
+void sum_rows(const ChannelView& v, int64_t first, int64_t last, const std::array<const scalar_t*, kIn>& in,
+              const std::array<const at::opmath_type<scalar_t>*, kParams>& params,
+              const std::array<scalar_t*, kOut>& out, const Fn& fn, at::opmath_type<scalar_t>* sums) {
+  using IO = VecIO<scalar_t>;
+  using Pack = typename IO::Pack;
+  constexpr int kLoads = std::max(1, 8 / (kTerms * IO::kParts));  // about 8 accumulator registers
+  constexpr int64_t kBlock = kLoads * IO::kWidth;
+  const int64_t width = padded<scalar_t>(v.c);
+  auto block = [&](int64_t c0, auto full) {
+    constexpr bool kFull = decltype(full)::value;
+    const int loads = kFull ? kLoads : static_cast<int>((v.c - c0 + IO::kWidth - 1) / IO::kWidth);
+    auto lanes = [&](int b) { return kFull ? IO::kWidth : std::min(IO::kWidth, v.c - c0 - b * IO::kWidth); };
+    std::array<std::array<Pack, kLoads>, kTerms> acc;
+    std::array<std::array<Pack, kLoads>, kParams> p;
+    for (int b = 0; b < loads; ++b) {
+      for (int t = 0; t < kTerms; ++t) acc[t][b] = IO::broadcast(0);
+      for (int k = 0; k < kParams; ++k) p[k][b] = IO::load_acc(params[k] + c0 + b * IO::kWidth, lanes(b));
+    }
+    for (int64_t row = first; row < last; ++row) {
+      for (int b = 0; b < kLoads && b < loads; ++b) {
+        const int64_t at = row * v.c + c0 + b * IO::kWidth, n = lanes(b);
+        std::array<Pack, kIn> x;
+        for (int i = 0; i < kIn; ++i) x[i] = IO::load(in[i] + at, n);
+        std::array<Pack, kOut> y;
+        for (int part = 0; part < IO::kParts; ++part) {
+          std::array<typename IO::Acc, kIn> xs;
+          std::array<typename IO::Acc, kParams> ps;
+          for (int i = 0; i < kIn; ++i) xs[i] = x[i][part];
+          for (int k = 0; k < kParams; ++k) ps[k] = p[k][b][part];
+          const auto ys = fn(xs, ps);
+          for (int t = 0; t < kTerms; ++t) acc[t][b][part] = acc[t][b][part] + ys[t];
+          for (int o = 0; o < kOut; ++o) y[o][part] = ys[kTerms + o];
+        }
+        for (int o = 0; o < kOut; ++o) IO::store(out[o] + at, y[o], n);
+      }
+    }
+    for (int b = 0; b < loads; ++b)
+      for (int t = 0; t < kTerms; ++t) IO::store_acc(sums + t * width + c0 + b * IO::kWidth, acc[t][b]);
+  };
+  for (int64_t c0 = 0; c0 < v.c; c0 += kBlock) {
+    if (c0 + kBlock <= v.c) {
+      block(c0, std::true_type{});
+    } else {
+      block(c0, std::false_type{});
+    }
+  }
+}
+
+// NCHW: the sums in double over `count` values of one `channel` from `offset` of fn's first kTerms results (fn
+// as for sweep_segment), accumulated in registers; fn's other kOut results are stored to out[o].
+template <typename scalar_t, int kIn, int kParams, int kTerms, int kOut, typename Fn>
+std::array<double, kTerms> sum_segment(int64_t offset, int64_t count, int64_t channel,
+                                       const std::array<const scalar_t*, kIn>& in,
+                                       const std::array<const at::opmath_type<scalar_t>*, kParams>& params,
+                                       const std::array<scalar_t*, kOut>& out, const Fn& fn) {
+  using IO = VecIO<scalar_t>;
+  using Acc = typename IO::Acc;
+  std::array<typename IO::Pack, kTerms> acc;
+  acc.fill(IO::broadcast(0));
+  sweep_segment<scalar_t, kIn, kParams, kTerms + kOut>(
+      offset, count, channel, in, params, fn, [&](int64_t j, int64_t n, const auto& y) {
+        for (int t = 0; t < kTerms; ++t) {
+          for (int part = 0; part < IO::kParts; ++part) {
+            // Lanes past the data (a tail load's zeros) would add fn(0, ...): keep them out.
+            const int64_t valid = std::clamp<int64_t>(n - part * Acc::size(), 0, Acc::size());
+            acc[t][part] = acc[t][part] + (valid == Acc::size() ? y[t][part] : Acc::set(Acc(0), y[t][part], valid));
+          }
+        }
+        for (int o = 0; o < kOut; ++o) IO::store(out[o] + offset + j, y[kTerms + o], n);
+      });
+  std::array<double, kTerms> sums;
+  for (int t = 0; t < kTerms; ++t) {
+    std::array<at::opmath_type<scalar_t>, IO::kWidth> lanes;
+    IO::store_acc(lanes.data(), acc[t]);
+    sums[t] = 0;
+    for (const auto l : lanes) sums[t] += l;
+  }
+  return sums;
+}
+
 // Elementwise: out[o][i] = fn(in[0][i], ..., params[0][c], ...)[o] for every element i of channel c (fn as for
 // sweep_segment). An output may be one of the inputs (each element is read before it is written).
 template <typename scalar_t, int kIn, int kOut, int kParams, typename Fn>
@@ -202,57 +289,30 @@ std::vector<double> sum_per_channel(const ChannelView& v, const std::array<const
   const int64_t slots = ReductionPlan::slots(v);
   std::vector<double> partial(plan.units(v) * kTerms * slots, 0.0);  // [unit][term][slot]
 
-  auto accumulate = [&](int64_t offset, int64_t count, int64_t channel, std::array<opmath_t*, kTerms> acc) {
-    // acc: padded(count) values per term (channel < 0) or kWidth lanes (one channel)
-    sweep_segment<scalar_t, kIn, kParams, kTerms + kOut>(
-        offset, count, channel, in, params, fn, [&](int64_t j, int64_t n, const auto& y) {
-          for (int t = 0; t < kTerms; ++t) {
-            opmath_t* a = acc[t] + (channel < 0 ? j : 0);
-            typename IO::Pack sum = IO::load_acc(a);
-            for (int part = 0; part < IO::kParts; ++part) {
-              // Lanes past the data (a tail load's zeros) would add fn(0, ...): keep them out.
-              const int64_t valid = std::clamp<int64_t>(n - part * Acc::size(), 0, Acc::size());
-              sum[part] = sum[part] + (valid == Acc::size() ? y[t][part] : Acc::set(Acc(0), y[t][part], valid));
-            }
-            IO::store_acc(a, sum);
-          }
-          for (int o = 0; o < kOut; ++o) IO::store(out[o] + offset + j, y[kTerms + o], n);
-        });
-  };
-
   at::parallel_for(0, plan.units(v), plan.grain(v), [&](int64_t begin, int64_t end) {
     if (v.channels_last()) {
       const int64_t width = padded<scalar_t>(v.c);
       std::vector<opmath_t> acc(kTerms * width);
-      std::array<opmath_t*, kTerms> acc_of;
-      for (int t = 0; t < kTerms; ++t) acc_of[t] = acc.data() + t * width;
       for (int64_t unit = begin; unit < end; ++unit) {
-        double* out = partial.data() + unit * kTerms * slots;
+        double* unit_sums = partial.data() + unit * kTerms * slots;
         const int64_t last = std::min(v.n * v.s, (unit + 1) * plan.piece_size);
         for (int64_t row = unit * plan.piece_size; row < last; row += chunk_rows(v.c)) {
-          std::fill(acc.begin(), acc.end(), opmath_t(0));
-          for (int64_t r = row; r < std::min(last, row + chunk_rows(v.c)); ++r) accumulate(r * v.c, v.c, -1, acc_of);
+          sum_rows<scalar_t, kIn, kParams, kTerms, kOut>(v, row, std::min(last, row + chunk_rows(v.c)), in, params,
+                                                          out, fn, acc.data());
           for (int t = 0; t < kTerms; ++t)
-            for (int64_t c = 0; c < v.c; ++c) out[t * v.c + c] += acc_of[t][c];
+            for (int64_t c = 0; c < v.c; ++c) unit_sums[t * v.c + c] += acc[t * width + c];
         }
       }
     } else {
-      std::array<opmath_t, kTerms * VecIO<scalar_t>::kWidth> acc;
-      std::array<opmath_t*, kTerms> acc_of;
-      for (int t = 0; t < kTerms; ++t) acc_of[t] = acc.data() + t * IO::kWidth;
       constexpr int64_t kChunk = 4096;
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t plane = unit / plan.pieces, channel = plane % v.c;
         const int64_t start = unit % plan.pieces * plan.piece_size, stop = std::min(v.s, start + plan.piece_size);
-        double* out = partial.data() + unit * kTerms;
+        double* unit_sums = partial.data() + unit * kTerms;
         for (int64_t s = start; s < stop; s += kChunk) {
-          acc.fill(opmath_t(0));
-          accumulate(plane * v.s + s, std::min(kChunk, stop - s), channel, acc_of);
-          for (int t = 0; t < kTerms; ++t) {
-            double lanes = 0;
-            for (int64_t l = 0; l < IO::kWidth; ++l) lanes += acc_of[t][l];
-            out[t] += lanes;
-          }
+          const auto chunk = sum_segment<scalar_t, kIn, kParams, kTerms, kOut>(
+              plane * v.s + s, std::min(kChunk, stop - s), channel, in, params, out, fn);
+          for (int t = 0; t < kTerms; ++t) unit_sums[t] += chunk[t];
         }
       }
     }
@@ -303,24 +363,11 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
   const int64_t slots = ReductionPlan::slots(v);
   std::vector<double> count(units * slots, 0.0), mean(units * slots, 0.0), m2(units * slots, 0.0);
 
-  // Sums over `count` contiguous values from `offset` into acc (kWidth lanes per channel, NHWC: a row of them):
-  // sum of (x - shift), or with `centre`, sum of (x - centre)^2.
-  auto sweep = [&](int64_t offset, int64_t n_values, int64_t channel, opmath_t* acc, const opmath_t* shift,
-                   bool squares) {
-    for (int64_t j = 0; j < n_values; j += IO::kWidth) {
-      const int64_t n = std::min(IO::kWidth, n_values - j);
-      const auto x_vec = IO::load(x + offset + j, n);
-      const auto centre = channel < 0 ? IO::load_acc(shift + j, n) : IO::broadcast(shift[0]);
-      opmath_t* a = acc + (channel < 0 ? j : 0);
-      auto sum = IO::load_acc(a);
-      for (int part = 0; part < IO::kParts; ++part) {
-        const Acc d = x_vec[part] - centre[part];  // tail lanes: 0 - centre, masked out below
-        const Acc term = squares ? d * d : d;
-        const int64_t valid = std::clamp<int64_t>(n - part * Acc::size(), 0, Acc::size());
-        sum[part] = sum[part] + (valid == Acc::size() ? term : Acc::set(Acc(0), term, valid));
-      }
-      IO::store_acc(a, sum);
-    }
+  // The terms summed: x - shift (the chunk's sum), then (x - centre)^2 about its mean (the chunk's M2).
+  auto deviations = [](const auto& in, const auto& p) { return std::array<Acc, 1>{in[0] - p[0]}; };
+  auto squares = [](const auto& in, const auto& p) {
+    const Acc d = in[0] - p[0];
+    return std::array<Acc, 1>{d * d};
   };
 
   at::parallel_for(0, units, plan.grain(v), [&](int64_t begin, int64_t end) {
@@ -337,14 +384,12 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
         double* m2_u = m2.data() + unit * slots;
         for (int64_t row = first; row < last; row += chunk_rows(v.c)) {
           const int64_t rows = std::min(last, row + chunk_rows(v.c)) - row;
-          std::fill(acc.begin(), acc.end(), opmath_t(0));
-          for (int64_t r = row; r < row + rows; ++r) sweep(r * v.c, v.c, -1, acc.data(), shift.data(), false);
+          sum_rows<scalar_t, 1, 1, 1, 0>(v, row, row + rows, {x}, {shift.data()}, {}, deviations, acc.data());
           for (int64_t c = 0; c < v.c; ++c) {
             chunk_mean[c] = static_cast<double>(shift[c]) + static_cast<double>(acc[c]) / rows;
             centre[c] = static_cast<opmath_t>(chunk_mean[c]);
           }
-          std::fill(acc.begin(), acc.end(), opmath_t(0));
-          for (int64_t r = row; r < row + rows; ++r) sweep(r * v.c, v.c, -1, acc.data(), centre.data(), true);
+          sum_rows<scalar_t, 1, 1, 1, 0>(v, row, row + rows, {x}, {centre.data()}, {}, squares, acc.data());
           // Chan's merge with the count weights hoisted out of the channel loop (all channels share the counts).
           const double total = n_u + rows, weight = rows / total, cross = n_u * rows / total;
           for (int64_t c = 0; c < v.c; ++c) {
@@ -360,9 +405,8 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
       }
     } else {
       constexpr int64_t kChunk = 4096;
-      std::array<opmath_t, VecIO<scalar_t>::kWidth> acc;
       for (int64_t unit = begin; unit < end; ++unit) {
-        const int64_t plane = unit / plan.pieces, channel = plane % v.c;
+        const int64_t plane = unit / plan.pieces;
         const int64_t start = unit % plan.pieces * plan.piece_size, stop = std::min(v.s, start + plan.piece_size);
         if (start >= stop) continue;
         const int64_t base = plane * v.s;
@@ -372,18 +416,14 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
         double& m2_u = m2[unit];
         for (int64_t s = start; s < stop; s += kChunk) {
           const int64_t n_values = std::min(kChunk, stop - s);
-          acc.fill(opmath_t(0));
-          sweep(base + s, n_values, channel, acc.data(), &shift, false);
-          double sum = 0;
-          for (opmath_t a : acc) sum += a;
+          // The one parameter is a single value here, read as channel 0 of a one-value array.
+          const double sum = sum_segment<scalar_t, 1, 1, 1, 0>(base + s, n_values, 0, {x}, {&shift}, {}, deviations)[0];
           const double chunk_mean = static_cast<double>(shift) + sum / n_values;
           const opmath_t centre = static_cast<opmath_t>(chunk_mean);
-          acc.fill(opmath_t(0));
-          sweep(base + s, n_values, channel, acc.data(), &centre, true);
-          double squares = 0;
-          for (opmath_t a : acc) squares += a;
+          const double sum_squares =
+              sum_segment<scalar_t, 1, 1, 1, 0>(base + s, n_values, 0, {x}, {&centre}, {}, squares)[0];
           const double offset = chunk_mean - static_cast<double>(centre);
-          detail::chan_merge(n_u, mean_u, m2_u, n_values, chunk_mean, squares - n_values * offset * offset);
+          detail::chan_merge(n_u, mean_u, m2_u, n_values, chunk_mean, sum_squares - n_values * offset * offset);
         }
       }
     }
