@@ -50,6 +50,15 @@ def test_gradcheck_float64(case, backend):
     assert torch.autograd.gradcheck(lambda *a: rf.conv_bn_act(*a, **kwargs, backend=backend), args)
 
 
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if c.n > 0][:3], ids=lambda c: c.name)
+def test_gradgradcheck_float64(case):
+    """The backward is PyTorch ops, so conv_bn_act is twice differentiable, through rf.conv_bn_act's eager
+    autograd as through the op's registered formulas."""
+    skip_unless_runs("conv_bn_act", "cpu", "cpu", torch.float64)
+    args, kwargs = conv_sample(case, torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda *a: rf.conv_bn_act(*a, **kwargs, backend="cpu"), args)
+
+
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
 @pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)

@@ -6,21 +6,53 @@ formulas; eager BN + ReLU: 31 us), and runs even when no gradient is needed. At 
 small layers that is more than the kernels take. So the Python entry points call the ops through `eager_caller`:
 the op below the autograd keys, inside an autograd.Function built from the formulas registered for the op
 when a gradient is needed. Under torch.compile and torch.export, and for anyone calling torch.ops.resnet_fused.*
-directly, the registered formulas apply; both paths share setup_context and backward, so they cannot disagree."""
+directly, the registered formulas apply; both paths share setup_context and backward, so they cannot disagree.
+The ops modules register their formulas through `register_autograd` here and call their ops as `eager(op)(...)`."""
 from collections.abc import Callable
 
 import torch
 
-from ._no_double_backward import differentiable_once
+from ._no_double_backward import differentiable_once as _differentiable_once
 
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
-def eager_caller(op, setup_context: Callable, backward: Callable, differentiable_outputs: int, what: str):
+# Per op (torch.ops.namespace.name): its eager caller.
+_CALLERS = {}
+
+
+def op_of(qualname: str):
+    """torch.ops.<namespace>.<name> of "namespace::name"."""
+    namespace, name = qualname.split("::")
+    return getattr(getattr(torch.ops, namespace), name)
+
+
+def register_autograd(qualname: str, backward: Callable, setup_context: Callable, **options) -> None:
+    """torch.library.register_autograd(qualname, backward, setup_context=setup_context), and the op's eager
+    caller with the same formulas (`eager`); options as eager_caller's."""
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+    op = op_of(qualname)
+    _CALLERS[op] = eager_caller(op, setup_context, backward, **options)
+
+
+def eager(op):
+    """The eager caller of an op whose formulas were registered with register_autograd (see eager_caller)."""
+    return _CALLERS[op]
+
+
+def eager_caller(op, setup_context: Callable, backward: Callable, *, differentiable_outputs: int = 1,
+                 differentiable_once: str | None = None):
     """call(*args) -> op(*args) (positional arguments only), differentiable through setup_context(ctx, inputs,
-    output) and backward(ctx, *grads) as registered for op; op's outputs after the first `differentiable_outputs`
-    carry no gradient (statistics, running averages). The backward's ops run below the autograd keys too, and a
-    second derivative through it raises (see _no_double_backward), as the registered one does."""
+    output) and backward(ctx, *grads) as registered for op. Of a tuple of outputs, those after the first
+    `differentiable_outputs` carry no gradient (statistics, running averages). differentiable_once="<op>": the
+    backward calls gradient kernels (run below the autograd keys too) and a second derivative through it raises,
+    as the registered one does (see _no_double_backward); otherwise it is PyTorch ops, differentiable again."""
+    def run_backward(ctx, *grads):
+        with _below_autograd():
+            return backward(ctx, *grads)
+
+    eager_backward = _differentiable_once(differentiable_once)(run_backward) if differentiable_once else backward
+
     class Call(torch.autograd.Function):
         # forward(ctx, ...) rather than a separate setup_context: with one, Function.apply binds the arguments
         # through inspect.signature on every call (about 10 us).
@@ -29,14 +61,11 @@ def eager_caller(op, setup_context: Callable, backward: Callable, differentiable
             with _below_autograd():
                 output = op(*args)
             setup_context(ctx, args, output)
-            ctx.mark_non_differentiable(*output[differentiable_outputs:])
+            if isinstance(output, tuple):
+                ctx.mark_non_differentiable(*output[differentiable_outputs:])
             return output
 
-        @staticmethod
-        @differentiable_once(what)
-        def backward(ctx, *grads):
-            with _below_autograd():
-                return backward(ctx, *grads)
+        backward = staticmethod(eager_backward)
 
     def call(*args):
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():

@@ -5,6 +5,7 @@ from .. import reference
 from .._library import library_loaded
 from ..backends import resolve_backend
 from ._checks import check_same_device, check_same_dtype, check_shape, check_tensor
+from ._eager_autograd import eager, register_autograd
 from ._layout import dense, empty_output, output_memory_format
 
 
@@ -20,7 +21,7 @@ def add_act(x, residual, *, relu=True, backend=None):
     if name == "reference":
         return reference.add_act(x, residual, relu).contiguous(memory_format=output_memory_format(x))
     op = torch.ops.resnet_fused.add_act_triton if name == "triton" else torch.ops.resnet_fused.add_act
-    return op(x, residual, relu)
+    return eager(op)(x, residual, relu)
 
 
 def _fake(x, residual, relu):
@@ -41,7 +42,7 @@ def _backward(ctx, grad):
 def register_formulas(qualname: str) -> None:
     """Fake kernel and autograd for an add_act op (the C++ one or a backend's custom op)."""
     torch.library.register_fake(qualname)(_fake)
-    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+    register_autograd(qualname, _backward, _setup_context)
 
 
 if library_loaded("_C"):

@@ -6,7 +6,7 @@ from .. import reference
 from .._library import library_loaded
 from ..backends import resolve_backend
 from ._checks import check_same_device, check_same_dtype, check_shape, check_tensor
-from ._eager_autograd import eager_caller
+from ._eager_autograd import eager, op_of, register_autograd
 from ._layout import dense, empty_output, output_memory_format
 from .sync_bn import SyncBNAct
 
@@ -34,10 +34,6 @@ def backend_ops(name: str):
     if name == "triton":
         return ops.bn_act_triton, ops.bn_act_backward_triton
     return ops.bn_act, ops.bn_act_backward
-
-
-# Per backend op pair: the forward op called eagerly with the registered formulas (see _eager_autograd).
-_EAGER_CALLERS = {}
 
 
 def bn_act(x, weight, bias, running_mean, running_var, residual=None, *, training, momentum=0.1, eps=1e-5,
@@ -97,7 +93,7 @@ def bn_act(x, weight, bias, running_mean, running_var, residual=None, *, trainin
     def param(t, fill):
         return t if t is not None else torch.full((channels,), fill, dtype=param_dtype, device=x.device)
 
-    out, _, _, new_mean, new_var = _EAGER_CALLERS[backend_ops(name)](
+    out, _, _, new_mean, new_var = eager(backend_ops(name)[0])(
         x, param(weight, 1.0), param(bias, 0.0), residual, param(running_mean, 0.0), param(running_var, 1.0),
         training, float(momentum), float(eps), relu,
     )
@@ -164,22 +160,14 @@ def _no_double_backward(ctx, *grads):
     raise NotImplementedError("bn_act: double backward (a gradient of the gradient) is not supported")
 
 
-def _op(qualname: str):
-    namespace, name = qualname.split("::")
-    return getattr(getattr(torch.ops, namespace), name)
-
-
 def register_formulas(qualname: str, backward_qualname: str) -> None:
     """Fake kernels and autograd for a bn_act op and its gradient op (the C++ pair or a backend's
     custom ops): the gradient op's result is the bn_act op's backward."""
-    forward_op, backward_op = _op(qualname), _op(backward_qualname)
     torch.library.register_fake(qualname)(_fake)
-    torch.library.register_autograd(qualname, _backward_with(backward_op), setup_context=_setup_context)
+    register_autograd(qualname, _backward_with(op_of(backward_qualname)), _setup_context, differentiable_once="bn_act")
     torch.library.register_fake(backward_qualname)(_fake_backward)
     torch.library.register_autograd(backward_qualname, _no_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
-    _EAGER_CALLERS[forward_op, backward_op] = eager_caller(forward_op, _setup_context, _backward_with(backward_op),
-                                                           1, "bn_act")
 
 
 if library_loaded("_C"):

@@ -6,6 +6,7 @@ from .. import reference
 from .._library import library_loaded
 from ..backends import resolve_backend
 from ._checks import check_same_device, check_same_dtype, check_shape, check_tensor, pair
+from ._eager_autograd import eager, register_autograd
 from ._layout import dense, empty_output, output_memory_format
 
 
@@ -50,7 +51,7 @@ def conv_bn_act(x, weight, bias=None, residual=None, *, stride=1, padding=0, dil
         out = reference.conv_bn_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
         return out.contiguous(memory_format=output_memory_format(x))
     op = torch.ops.resnet_fused.conv_bn_act_triton if name == "triton" else torch.ops.resnet_fused.conv_bn_act
-    return op(x, weight, bias, residual, list(stride), list(padding), list(dilation), groups, relu)
+    return eager(op)(x, weight, bias, residual, list(stride), list(padding), list(dilation), groups, relu)
 
 
 def plain_conv(x, weight, bias, *, stride, padding, dilation, groups, backend):
@@ -157,7 +158,7 @@ def _backward(ctx, grad):
 def register_formulas(qualname: str) -> None:
     """Fake kernel and autograd for a conv_bn_act op (the C++ one or a backend's custom op)."""
     torch.library.register_fake(qualname)(_fake)
-    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+    register_autograd(qualname, _backward, _setup_context)
 
 
 if library_loaded("_C"):

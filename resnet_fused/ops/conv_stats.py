@@ -7,6 +7,7 @@ from .. import reference
 from .._library import library_loaded
 from ..backends import resolve_backend
 from ._checks import check_same_device, check_same_dtype, check_shape, check_tensor
+from ._eager_autograd import eager, register_autograd
 from ._layout import dense, empty_output, output_memory_format
 from .conv_bn_act import check_conv_geometry, conv_output_shape
 
@@ -56,7 +57,7 @@ def conv_stats(x, weight, scale=None, shift=None, *, relu=True, stride=1, paddin
         y, mean, var = reference.conv_stats(x, weight, scale, shift, stride, padding, dilation, groups, relu)
         return y.contiguous(memory_format=output_memory_format(x)), mean, var
     op = torch.ops.resnet_fused.conv_stats_triton if name == "triton" else torch.ops.resnet_fused.conv_stats
-    return op(x, weight, scale, shift, list(stride), list(padding), list(dilation), groups, relu)
+    return eager(op)(x, weight, scale, shift, list(stride), list(padding), list(dilation), groups, relu)
 
 
 def _fake(x, weight, scale, shift, stride, padding, dilation, groups, relu):
@@ -119,7 +120,7 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
 def register_formulas(qualname: str) -> None:
     """Fake kernel and autograd for a conv_stats op (the C++ one or a backend's custom op)."""
     torch.library.register_fake(qualname)(_fake)
-    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+    register_autograd(qualname, _backward, _setup_context, differentiable_outputs=3)
 
 
 def bn_add_relu(y, scale, shift, residual=None, residual_scale=None, residual_shift=None, *, backend):
@@ -129,9 +130,10 @@ def bn_add_relu(y, scale, shift, residual=None, residual_scale=None, residual_sh
     in y's accumulation type there); PyTorch ops on the others. `backend` is the caller's resolved one; the
     arguments are the callers' own (not checked again)."""
     if backend == "triton":
-        return torch.ops.resnet_fused.bn_add_relu_triton(y, scale, shift, residual, residual_scale, residual_shift)
+        return eager(torch.ops.resnet_fused.bn_add_relu_triton)(y, scale, shift, residual, residual_scale,
+                                                                residual_shift)
     if backend == "cpu":
-        return torch.ops.resnet_fused.bn_add_relu(y, scale, shift, residual, residual_scale, residual_shift)
+        return eager(torch.ops.resnet_fused.bn_add_relu)(y, scale, shift, residual, residual_scale, residual_shift)
     shape = (1, -1, 1, 1)
     out = torch.addcmul(shift.reshape(shape), y, scale.reshape(shape))
     if residual_scale is not None:
@@ -171,7 +173,7 @@ def _backward_bn_add_relu(ctx, grad):
 def register_bn_add_relu_formulas(qualname: str) -> None:
     """Fake kernel and autograd for a backend's bn_add_relu op."""
     torch.library.register_fake(qualname)(_fake_bn_add_relu)
-    torch.library.register_autograd(qualname, _backward_bn_add_relu, setup_context=_setup_bn_add_relu)
+    register_autograd(qualname, _backward_bn_add_relu, _setup_bn_add_relu)
 
 
 if library_loaded("_C"):

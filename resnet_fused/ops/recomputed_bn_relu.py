@@ -96,8 +96,7 @@ def _relu_output(x, weight, bias, mean, invstd, backend: str):
     """relu(batch_norm(x)) from the saved batch statistics, in x's dtype and layout: one pass on the backends with a
     bn_add_relu kernel (see there), `backend` being the resolved one."""
     scale = weight.to(mean.dtype) * invstd
-    with _below_autograd():
-        y = bn_add_relu(x, scale, bias.to(mean.dtype) - mean * scale, backend=backend)
+    y = bn_add_relu(x, scale, bias.to(mean.dtype) - mean * scale, backend=backend)
     return y.contiguous(memory_format=output_memory_format(x))
 
 
