@@ -282,9 +282,7 @@ std::vector<double> sum_per_channel(const ChannelView& v, const std::array<const
                                     const std::array<scalar_t*, kOut>& out,
                                     const std::array<const at::opmath_type<scalar_t>*, kParams>& params,
                                     const Fn& fn) {
-  using IO = VecIO<scalar_t>;
-  using Acc = typename IO::Acc;
-  using opmath_t = typename IO::opmath_t;
+  using opmath_t = at::opmath_type<scalar_t>;
   const ReductionPlan plan = ReductionPlan::of(v);
   const int64_t slots = ReductionPlan::slots(v);
   std::vector<double> partial(plan.units(v) * kTerms * slots, 0.0);  // [unit][term][slot]
