@@ -137,19 +137,36 @@ void sweep_segment(int64_t offset, int64_t count, int64_t channel, const std::ar
   }
 }
 
-// NHWC: per-channel sums over the rows [first, last) of fn's first kTerms results (fn as for sweep_segment),
-// stored to sums[t * padded(C) + c]; fn's other kOut results are stored to out[o]. One block of channels at a
-// time, its sums in registers down the rows: a sum kept in memory is loaded and stored once per row, and a
-// narrow row (64 channels: 4 vectors) leaves too few independent sums to hide that store-to-load latency.
-// Lanes past C (a tail load's zeros) hold sums nobody reads.
+// Rows of an NHWC chunk: its values stay in L2 between the passes over it (at most 256 KB of float), the
+// per-chunk work over the channels (finishing its sums, merging them) is spread over at least 32 rows where
+// that fits, and sums over at most 256 values per lane stay accurate before they are merged in double.
+inline int64_t chunk_rows(int64_t channels) {
+  return std::clamp<int64_t>(65536 / std::max<int64_t>(channels, 1), 4, 256);
+}
+
+// Channels in one block of sweep_rows: the loads whose sums and parameters fit in about half the vector registers
+// (32 with AVX-512, 16 below), kWidth channels each.
+template <typename scalar_t, int kParams, int kTerms>
+constexpr int64_t sweep_rows_block() {
+  using IO = VecIO<scalar_t>;
+  constexpr int kHeld = IO::Acc::size() * sizeof(typename IO::opmath_t) >= 64 ? 16 : 8;
+  return std::max(1, kHeld / (std::max(1, kTerms + kParams) * IO::kParts)) * IO::kWidth;
+}
+
+// NHWC rows [first, last): fn over every element (fn as for sweep_segment), its first kTerms results summed per
+// channel into sums[t * padded(C) + c] (none: sums may be null), its other kOut results stored to out[o] (an
+// output may be one of the inputs). One block of channels at a time down the rows, the block's sums and
+// parameters in registers: a sum kept in memory is loaded and stored once per row, and a narrow row (64
+// channels: 4 vectors) leaves too few independent sums to hide that store-to-load latency; parameters loaded
+// per row cost as many loads as the data. Lanes past C (a tail load's zeros) hold sums nobody reads.
 template <typename scalar_t, int kIn, int kParams, int kTerms, int kOut, typename Fn>
-void sum_rows(const ChannelView& v, int64_t first, int64_t last, const std::array<const scalar_t*, kIn>& in,
-              const std::array<const at::opmath_type<scalar_t>*, kParams>& params,
-              const std::array<scalar_t*, kOut>& out, const Fn& fn, at::opmath_type<scalar_t>* sums) {
+void sweep_rows(const ChannelView& v, int64_t first, int64_t last, const std::array<const scalar_t*, kIn>& in,
+                const std::array<const at::opmath_type<scalar_t>*, kParams>& params,
+                const std::array<scalar_t*, kOut>& out, const Fn& fn, at::opmath_type<scalar_t>* sums) {
   using IO = VecIO<scalar_t>;
   using Pack = typename IO::Pack;
-  constexpr int kLoads = std::max(1, 8 / (kTerms * IO::kParts));  // about 8 accumulator registers
-  constexpr int64_t kBlock = kLoads * IO::kWidth;
+  constexpr int64_t kBlock = sweep_rows_block<scalar_t, kParams, kTerms>();
+  constexpr int kLoads = kBlock / IO::kWidth;
   const int64_t width = padded<scalar_t>(v.c);
   auto block = [&](int64_t c0, auto full) {
     constexpr bool kFull = decltype(full)::value;
@@ -230,6 +247,15 @@ void map_per_channel(const ChannelView& v, const std::array<const scalar_t*, kIn
                      const std::array<scalar_t*, kOut>& out,
                      const std::array<const at::opmath_type<scalar_t>*, kParams>& params, const Fn& fn) {
   using IO = VecIO<scalar_t>;
+  if (v.channels_last() && v.c <= sweep_rows_block<scalar_t, kParams, 0>()) {
+    // Rows no wider than one block of sweep_rows: the parameters stay in registers and the rows are still read in
+    // storage order (across wider rows, a block at a time would stride through memory, a page per row at 1024
+    // float channels).
+    at::parallel_for(0, v.n * v.s, std::max<int64_t>(1, kGrainSize / v.c), [&](int64_t begin, int64_t end) {
+      sweep_rows<scalar_t, kIn, kParams, 0, kOut>(v, begin, end, in, params, out, fn, nullptr);
+    });
+    return;
+  }
   for_each_segment(v, [&](int64_t offset, int64_t count, int64_t channel) {
     sweep_segment<scalar_t, kIn, kParams, kOut>(offset, count, channel, in, params, fn,
                                                 [&](int64_t j, int64_t n, const auto& y) {
@@ -266,12 +292,6 @@ struct ReductionPlan {
   int64_t channel(const ChannelView& v, int64_t unit) const { return unit / pieces % v.c; }
 };
 
-// Rows of an NHWC chunk: its values stay in L2 between the passes over it (at most 256 KB of float), the
-// per-chunk work over the channels (finishing its sums, merging them) is spread over at least 32 rows where
-// that fits, and sums over at most 256 values per lane stay accurate before they are merged in double.
-inline int64_t chunk_rows(int64_t channels) {
-  return std::clamp<int64_t>(65536 / std::max<int64_t>(channels, 1), 4, 256);
-}
 
 // Per-channel sums in double of kTerms quantities, fn(in[0][i], ..., params...) -> std::array<Acc, kTerms + kOut>:
 // its first kTerms values are summed, accumulated in the accumulation type over chunks of a few thousand
@@ -295,7 +315,7 @@ std::vector<double> sum_per_channel(const ChannelView& v, const std::array<const
         double* unit_sums = partial.data() + unit * kTerms * slots;
         const int64_t last = std::min(v.n * v.s, (unit + 1) * plan.piece_size);
         for (int64_t row = unit * plan.piece_size; row < last; row += chunk_rows(v.c)) {
-          sum_rows<scalar_t, kIn, kParams, kTerms, kOut>(v, row, std::min(last, row + chunk_rows(v.c)), in, params,
+          sweep_rows<scalar_t, kIn, kParams, kTerms, kOut>(v, row, std::min(last, row + chunk_rows(v.c)), in, params,
                                                           out, fn, acc.data());
           for (int t = 0; t < kTerms; ++t)
             for (int64_t c = 0; c < v.c; ++c) unit_sums[t * v.c + c] += acc[t * width + c];
@@ -382,12 +402,12 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
         double* m2_u = m2.data() + unit * slots;
         for (int64_t row = first; row < last; row += chunk_rows(v.c)) {
           const int64_t rows = std::min(last, row + chunk_rows(v.c)) - row;
-          sum_rows<scalar_t, 1, 1, 1, 0>(v, row, row + rows, {x}, {shift.data()}, {}, deviations, acc.data());
+          sweep_rows<scalar_t, 1, 1, 1, 0>(v, row, row + rows, {x}, {shift.data()}, {}, deviations, acc.data());
           for (int64_t c = 0; c < v.c; ++c) {
             chunk_mean[c] = static_cast<double>(shift[c]) + static_cast<double>(acc[c]) / rows;
             centre[c] = static_cast<opmath_t>(chunk_mean[c]);
           }
-          sum_rows<scalar_t, 1, 1, 1, 0>(v, row, row + rows, {x}, {centre.data()}, {}, squares, acc.data());
+          sweep_rows<scalar_t, 1, 1, 1, 0>(v, row, row + rows, {x}, {centre.data()}, {}, squares, acc.data());
           // Chan's merge with the count weights hoisted out of the channel loop (all channels share the counts).
           const double total = n_u + rows, weight = rows / total, cross = n_u * rows / total;
           for (int64_t c = 0; c < v.c; ++c) {
