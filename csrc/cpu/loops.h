@@ -292,7 +292,6 @@ struct ReductionPlan {
   int64_t channel(const ChannelView& v, int64_t unit) const { return unit / pieces % v.c; }
 };
 
-
 // Per-channel sums in double of kTerms quantities, fn(in[0][i], ..., params...) -> std::array<Acc, kTerms + kOut>:
 // its first kTerms values are summed, accumulated in the accumulation type over chunks of a few thousand
 // elements, then in double, so they stay accurate for any count; the other kOut values are stored to out[o][i]
