@@ -58,7 +58,8 @@ def plain_conv(x, weight, bias, *, stride, padding, dilation, groups, backend):
     """conv2d(x, weight, bias) alone, in x's memory format, for the training paths (whose BN runs apart): on the
     cpu backend ATen's convolution (F.conv2d), which makes the oneDNN call conv_bn_act would make with no epilogue
     to fuse, without conv_bn_act's Python argument checks and Python autograd.Function (microseconds a call, paid
-    per conv in a training step; F.conv2d's autograd is C++); on other backends conv_bn_act with no epilogue. The arguments are a module's own, already valid."""
+    per conv in a training step; F.conv2d's autograd is C++); on other backends conv_bn_act with no epilogue. The
+    arguments are a module's own, already valid."""
     if resolve_backend("conv_bn_act", backend, x.device, x.dtype) == "cpu":
         out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return out.contiguous(memory_format=output_memory_format(x))
