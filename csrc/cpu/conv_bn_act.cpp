@@ -3,8 +3,8 @@
 // through the mkldnn ops that Inductor's CPU backend calls: the epilogue costs no pass over the output.
 // conv_bn_act_into_residual is the same computation written into the residual's own buffer, for callers that
 // own it (a ResNet's blocks in inference): no copy of the residual. The weight may be prepacked into oneDNN's
-// blocked layout (mkldnn::_reorder_convolution_weight, an MKLDNN tensor), which saves the reorder on every call. Anything else runs ATen's convolution, then the whole
-// epilogue in one vectorized pass over the output.
+// blocked layout (mkldnn::_reorder_convolution_weight, an MKLDNN tensor), which saves the reorder on every call.
+// Anything else runs ATen's convolution, then the whole epilogue in one vectorized pass over the output.
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -191,8 +191,8 @@ class FusedModule(nn.Module):
                        low_memory: bool = False, owns_residual: bool = False) -> torch.Tensor:
         """A block's main path: relu(bn(conv(x))) through `steps`, [(key, conv, bn), ...], the last step adding
         `residual` before its ReLU (into `residual` itself in inference, when the caller `owns_residual`). In
-        training, each BN + ReLU that feeds another conv runs inside that
-        conv's op (bn_relu_conv), which keeps the BN input rather than the ReLU output for the backward; with
+        training, each BN + ReLU that feeds another conv runs inside that conv's op (bn_relu_conv), which keeps
+        the BN input rather than the ReLU output for the backward; with
         `low_memory`, the last conv and BN run in the op of the BN + ReLU before them as well
         (bn_relu_conv_bn_act), which recomputes the last conv's output in the backward instead of keeping it."""
         norms, next_convs = [bn for _, _, bn in steps], [conv for _, conv, _ in steps[1:]]

@@ -15,7 +15,9 @@ import torch
 
 from ._no_double_backward import differentiable_once as _differentiable_once
 
-_below_autograd = torch._C._AutoDispatchBelowAutograd
+# A context in which op calls skip the autograd dispatch keys (and so the torch.library wrappers), for callers
+# that differentiate the ops themselves; also used by recomputed_bn_relu.py.
+below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
 # Per op (torch.ops.namespace.name): its eager caller.
@@ -49,7 +51,7 @@ def eager_caller(op, setup_context: Callable, backward: Callable, *, differentia
     backward calls gradient kernels (run below the autograd keys too) and a second derivative through it raises,
     as the registered one does (see _no_double_backward); otherwise it is PyTorch ops, differentiable again."""
     def run_backward(ctx, *grads):
-        with _below_autograd():
+        with below_autograd():
             return backward(ctx, *grads)
 
     eager_backward = _differentiable_once(differentiable_once)(run_backward) if differentiable_once else backward
@@ -59,7 +61,7 @@ def eager_caller(op, setup_context: Callable, backward: Callable, *, differentia
         # through inspect.signature on every call (about 8 us here).
         @staticmethod
         def forward(ctx, *args):
-            with _below_autograd():
+            with below_autograd():
                 output = op(*args)
             setup_context(ctx, args, output)
             if isinstance(output, tuple):
@@ -73,7 +75,7 @@ def eager_caller(op, setup_context: Callable, backward: Callable, *, differentia
             return op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return Call.apply(*args)
-        with _below_autograd():
+        with below_autograd():
             return op(*args)
 
     return call

@@ -30,18 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import resolve_backend
+from ._eager_autograd import below_autograd
 from ._layout import dense, output_memory_format
 from ._no_double_backward import differentiable_once
 from .bn_act import backend_ops
 from .conv_bn_act import plain_conv
 from .conv_stats import bn_add_relu
 from .sync_bn import bn_backward, bn_forward
-
-
-# These functions differentiate the ops they call themselves: calling those below the autograd dispatch keys
-# skips the custom ops' Python autograd wrappers (torch.library), which would only find that no gradient is
-# needed, at about 10 us a call.
-_below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
 def _affine(x, weight, bias, running_mean):
@@ -73,7 +68,7 @@ class _BatchNorm:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
         forward_op, _ = backend_ops(self.name)
         untracked = running_mean is None  # the kernels take running statistics: give them scratch ones
-        with _below_autograd():
+        with below_autograd():  # this op's backward is ours: skip the ops' autograd wrappers
             out, mean, invstd, new_mean, new_var = forward_op(
                 x, weight, bias, residual, torch.zeros_like(weight) if untracked else running_mean,
                 torch.ones_like(weight) if untracked else running_var, True, float(momentum), float(eps), relu,
@@ -88,7 +83,7 @@ class _BatchNorm:
         if self.group is not None:
             return bn_backward(grad_out, out, x, weight, mean, invstd, total, relu, self.group)
         _, backward_op = backend_ops(self.name)
-        with _below_autograd():
+        with below_autograd():
             return backward_op(grad_out, out, x, weight, mean, invstd, True, relu, need_grad_pre)
 
 
