@@ -42,10 +42,23 @@ def test_forward_parity(case, backend, dtypes, memory_format, training, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", BN_CASES, ids=CASE_IDS)
 def test_gradient_parity(case, backend, memory_format, training, device):
-    skip_unless_runs("bn_act", backend, device, torch.float32)
+    check_gradient_parity(case, backend, memory_format, training, device)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+def test_cpu_gradient_parity_wide_rows(dtypes, training):
+    """1031 NHWC channels: the backward's reduction that also writes (the ReLU-masked gradient) sweeps rows whose
+    sums pass 4 KB a block of channels at a time; narrower ones (wide_131ch above) row by row."""
+    check_gradient_parity(BNCase("wide_1031ch", (2, 1031, 2, 2)), "cpu", "nhwc", training, "cpu", dtypes)
+
+
+def check_gradient_parity(case, backend, memory_format, training, device, dtypes=(torch.float32, torch.float32)):
+    """The gradients of x, weight, bias and residual against float64, within PyTorch's own error in the dtype."""
+    skip_unless_runs("bn_act", backend, device, dtypes[0])
     if training and case.shape[0] * case.shape[2] * case.shape[3] == 1:
         pytest.skip("one value per channel cannot train")
-    sample = bn_sample(case, torch.float32, device, memory_format, requires_grad=True)
+    sample = bn_sample(case, dtypes[0], device, memory_format, requires_grad=True, param_dtype=dtypes[1])
     oracle_sample = to_float64(sample)
     inputs = [t for t in sample if t is not None and t.requires_grad]
     oracle_inputs = [t for t in oracle_sample if t is not None and t.requires_grad]
@@ -54,8 +67,8 @@ def test_gradient_parity(case, backend, memory_format, training, device):
     def grads(fn, s, ins, g):
         return torch.autograd.grad(call(fn, s, case, training), ins, g)
 
-    actual = grads(lambda *a, **k: rf.bn_act(*a, **k, backend=backend), sample, inputs, grad_out.float())
-    same_dtype = grads(reference.bn_act, sample, inputs, grad_out.float())
+    actual = grads(lambda *a, **k: rf.bn_act(*a, **k, backend=backend), sample, inputs, grad_out.to(dtypes[0]))
+    same_dtype = grads(reference.bn_act, sample, inputs, grad_out.to(dtypes[0]))
     oracle = grads(reference.bn_act, oracle_sample, oracle_inputs, grad_out)
     for name, a, t, o in zip(["x", "weight", "bias", "residual"], actual, same_dtype, oracle):
         assert_parity(a, t, o, what=f"grad of {name}")

@@ -20,12 +20,13 @@ at::Tensor add_act(const at::Tensor& x_in, const at::Tensor& residual, bool relu
   const ChannelView flat{1, 1, x.numel(), x.numel(), x.numel(), 1};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_act_cpu", [&] {
     using Acc = Vectorized<at::opmath_type<scalar_t>>;
-    map_per_channel<scalar_t, 2, 1, 0>(
-        flat, {x.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>()}, {out.data_ptr<scalar_t>()}, {},
-        [relu](const auto& in, const auto&) {
-          const Acc v = in[0] + in[1];
-          return std::array<Acc, 1>{relu ? at::vec::maximum(v, Acc(0)) : v};  // NaN passes, as in torch.relu
-        });
+    with_flag(relu, [&](auto with_relu) {
+      map_per_channel<scalar_t, 2, 1, 0>(
+          flat, {x.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>()}, {out.data_ptr<scalar_t>()}, {},
+          [](const auto& in, const auto&) {
+            return std::array<Acc, 1>{relu_if<decltype(with_relu)::value>(in[0] + in[1])};
+          });
+    });
   });
   return out;
 }

@@ -31,12 +31,6 @@ at::Tensor from_doubles(const std::vector<double>& values, const at::Tensor& lik
   return t;
 }
 
-// max(v, 0) that lets NaN through, as torch.relu does.
-template <typename Acc>
-Acc relu_of(const Acc& v) {
-  return at::vec::maximum(v, Acc(0));
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act(
@@ -106,18 +100,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act(
     }
     scalar_t* op = out.data_ptr<scalar_t>();
     const std::array<const opmath_t*, 2> params{scale.data(), shift.data()};
-    if (has_residual) {
-      map_per_channel<scalar_t, 2, 1, 2>(
-          view, {xp, r.const_data_ptr<scalar_t>()}, {op}, params, [&](const auto& in, const auto& p) {
-            const Acc v = at::vec::fmadd(in[0], p[0], p[1]) + in[1];
-            return std::array<Acc, 1>{relu ? relu_of(v) : v};
-          });
-    } else {
-      map_per_channel<scalar_t, 1, 1, 2>(view, {xp}, {op}, params, [&](const auto& in, const auto& p) {
-        const Acc v = at::vec::fmadd(in[0], p[0], p[1]);
-        return std::array<Acc, 1>{relu ? relu_of(v) : v};
-      });
-    }
+    with_flag(relu, [&](auto with_relu) {
+      auto act = [](const Acc& v) { return relu_if<decltype(with_relu)::value>(v); };
+      if (has_residual) {
+        map_per_channel<scalar_t, 2, 1, 2>(
+            view, {xp, r.const_data_ptr<scalar_t>()}, {op}, params, [&](const auto& in, const auto& p) {
+              return std::array<Acc, 1>{act(at::vec::fmadd(in[0], p[0], p[1]) + in[1])};
+            });
+      } else {
+        map_per_channel<scalar_t, 1, 1, 2>(view, {xp}, {op}, params, [&](const auto& in, const auto& p) {
+          return std::array<Acc, 1>{act(at::vec::fmadd(in[0], p[0], p[1]))};
+        });
+      }
+    });
   });
   if (!training || count == 0) {  // the running statistics are returned unchanged
     return {out, save_mean, save_invstd, running_mean.clone(), running_var.clone()};

@@ -46,7 +46,7 @@ at::Tensor bn_add_relu(const at::Tensor& y_in, const at::Tensor& scale, const at
     std::vector<opmath_t> t = values_as<opmath_t>(shift);
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    auto relu = [](const Acc& v) { return at::vec::maximum(v, Acc(0)); };  // NaN passes, as in torch.relu
+    auto relu = [](const Acc& v) { return relu_if<true>(v); };
     if (affine) {
       // One shift for both BNs: shift[c] + residual_shift[c].
       const std::vector<opmath_t> rs = values_as<opmath_t>(*residual_scale);

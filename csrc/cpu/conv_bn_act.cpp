@@ -136,17 +136,19 @@ void epilogue(const ConvPlan& plan, const at::Tensor& conv, const at::Tensor& re
     const scalar_t* o = conv.const_data_ptr<scalar_t>();
     scalar_t* d = dest.data_ptr<scalar_t>();
     const std::array<const opmath_t*, 1> params{shift.data()};
-    auto act = [relu](const Acc& v) { return relu ? at::vec::maximum(v, Acc(0)) : v; };  // NaN passes
-    if (residual.defined()) {
-      map_per_channel<scalar_t, 2, 1, 1>(view, {o, residual.const_data_ptr<scalar_t>()}, {d}, params,
-                                         [&](const auto& in, const auto& p) {
-                                           return std::array<Acc, 1>{act(in[0] + p[0] + in[1])};
-                                         });
-    } else {
-      map_per_channel<scalar_t, 1, 1, 1>(view, {o}, {d}, params, [&](const auto& in, const auto& p) {
-        return std::array<Acc, 1>{act(in[0] + p[0])};
-      });
-    }
+    with_flag(relu, [&](auto with_relu) {
+      auto act = [](const Acc& v) { return relu_if<decltype(with_relu)::value>(v); };
+      if (residual.defined()) {
+        map_per_channel<scalar_t, 2, 1, 1>(view, {o, residual.const_data_ptr<scalar_t>()}, {d}, params,
+                                           [&](const auto& in, const auto& p) {
+                                             return std::array<Acc, 1>{act(in[0] + p[0] + in[1])};
+                                           });
+      } else {
+        map_per_channel<scalar_t, 1, 1, 1>(view, {o}, {d}, params, [&](const auto& in, const auto& p) {
+          return std::array<Acc, 1>{act(in[0] + p[0])};
+        });
+      }
+    });
   });
 }
 

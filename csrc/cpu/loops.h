@@ -26,6 +26,28 @@ using at::vec::Vectorized;
 // Elements per parallel task: below this, threading costs more than it saves.
 constexpr int64_t kGrainSize = 32768;
 
+// fn(std::true_type{}) or fn(std::false_type{}): a runtime flag (ReLU or not) as a compile-time constant, so that
+// the elementwise lambdas built on it test nothing per vector. A flag captured by reference was reloaded and tested
+// for every vector (perf annotate: the hottest instructions of bn_act's apply pass over 8x2048x4x4).
+template <typename Fn>
+void with_flag(bool flag, const Fn& fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
+// max(v, 0) that lets NaN through, as torch.relu does; v itself where kRelu is false.
+template <bool kRelu, typename Acc>
+Acc relu_if(const Acc& v) {
+  if constexpr (kRelu) {
+    return at::vec::maximum(v, Acc(0));
+  } else {
+    return v;
+  }
+}
+
 // Loads and stores of scalar_t in units of one Vectorized<scalar_t>, computed as accumulation-type vectors:
 // one Vectorized<float>/<double> for float/double, two Vectorized<float> for bfloat16/half.
 template <typename scalar_t>
@@ -102,6 +124,25 @@ void for_each_segment(const ChannelView& v, const Segment& segment) {
                    });
 }
 
+// fn over the elements of one load (fn as described at sweep_segment, below), an accumulation-type vector at a time: its first
+// kTerms results added to acc, the other kOut returned.
+template <typename IO, int kTerms, int kOut, size_t kIn, size_t kParams, typename Fn>
+C10_ALWAYS_INLINE std::array<typename IO::Pack, kOut> apply_vector(const Fn& fn, const std::array<typename IO::Pack, kIn>& x,
+                                                 const std::array<typename IO::Pack, kParams>& p,
+                                                 std::array<typename IO::Pack, kTerms>& acc) {
+  std::array<typename IO::Pack, kOut> y;
+  for (int part = 0; part < IO::kParts; ++part) {
+    std::array<typename IO::Acc, kIn> xs;
+    std::array<typename IO::Acc, kParams> ps;
+    for (size_t i = 0; i < kIn; ++i) xs[i] = x[i][part];
+    for (size_t k = 0; k < kParams; ++k) ps[k] = p[k][part];
+    const auto ys = fn(xs, ps);
+    for (int t = 0; t < kTerms; ++t) acc[t][part] = acc[t][part] + ys[t];
+    for (int o = 0; o < kOut; ++o) y[o][part] = ys[kTerms + o];
+  }
+  return y;
+}
+
 // Evaluates fn over `count` contiguous elements from `offset` (of one `channel`, or, channel < 0, the channels
 // 0..count-1 of one NHWC row), a vector of VecIO::kWidth elements at a time, and hands each vector's results to
 // visit(j, n, results): the vector starts at element offset + j and has n valid lanes (a tail: n < kWidth).
@@ -112,7 +153,6 @@ void sweep_segment(int64_t offset, int64_t count, int64_t channel, const std::ar
                    const std::array<const at::opmath_type<scalar_t>*, kParams>& params, const Fn& fn,
                    const Visit& visit) {
   using IO = VecIO<scalar_t>;
-  using Acc = typename IO::Acc;
   std::array<typename IO::Pack, kParams> p;
   if (channel >= 0) {
     for (int k = 0; k < kParams; ++k) p[k] = IO::broadcast(params[k][channel]);
@@ -124,16 +164,8 @@ void sweep_segment(int64_t offset, int64_t count, int64_t channel, const std::ar
     }
     std::array<typename IO::Pack, kIn> x;
     for (int i = 0; i < kIn; ++i) x[i] = IO::load(in[i] + offset + j, n);
-    std::array<typename IO::Pack, kResults> y;
-    for (int part = 0; part < IO::kParts; ++part) {
-      std::array<Acc, kIn> xs;
-      std::array<Acc, kParams> ps;
-      for (int i = 0; i < kIn; ++i) xs[i] = x[i][part];
-      for (int k = 0; k < kParams; ++k) ps[k] = p[k][part];
-      const std::array<Acc, kResults> ys = fn(xs, ps);
-      for (int r = 0; r < kResults; ++r) y[r][part] = ys[r];
-    }
-    visit(j, n, y);
+    std::array<typename IO::Pack, 0> no_sums;
+    visit(j, n, apply_vector<IO, 0, kResults>(fn, x, p, no_sums));
   }
 }
 
@@ -168,6 +200,31 @@ void sweep_rows(const ChannelView& v, int64_t first, int64_t last, const std::ar
   constexpr int64_t kBlock = sweep_rows_block<scalar_t, kParams, kTerms>();
   constexpr int kLoads = kBlock / IO::kWidth;
   const int64_t width = padded<scalar_t>(v.c);
+  if constexpr (kTerms > 0 && kOut > 0) {
+    // A reduction that also writes, over rows wider than one block whose sums fit in 4 KB of L1: the rows in
+    // storage order, the sums in memory. A block at a time, bn_act_backward's pass 1 (three tensors read, one
+    // written, each a block every 1 KB) took 1.2x to 1.7x as long over 8x256x28x28; without the written tensor
+    // (the statistics, the backward without ReLU), and with wider rows (1024 or 2048 channels: 8 or 16 KB of
+    // sums), the blocks measured as fast or faster, so those keep them.
+    if (v.c > kBlock && kTerms * width * static_cast<int64_t>(sizeof(at::opmath_type<scalar_t>)) <= 4096) {
+      for (int t = 0; t < kTerms; ++t) std::fill(sums + t * width, sums + (t + 1) * width, at::opmath_type<scalar_t>(0));
+      for (int64_t row = first; row < last; ++row) {
+        for (int64_t c = 0; c < v.c; c += IO::kWidth) {
+          const int64_t at = row * v.c + c, n = std::min(IO::kWidth, v.c - c);
+          std::array<Pack, kIn> x;
+          for (int i = 0; i < kIn; ++i) x[i] = IO::load(in[i] + at, n);
+          std::array<Pack, kParams> p;
+          for (int k = 0; k < kParams; ++k) p[k] = IO::load_acc(params[k] + c, n);
+          std::array<Pack, kTerms> acc;
+          for (int t = 0; t < kTerms; ++t) acc[t] = IO::load_acc(sums + t * width + c);
+          const auto y = apply_vector<IO, kTerms, kOut>(fn, x, p, acc);
+          for (int t = 0; t < kTerms; ++t) IO::store_acc(sums + t * width + c, acc[t]);
+          for (int o = 0; o < kOut; ++o) IO::store(out[o] + at, y[o], n);
+        }
+      }
+      return;
+    }
+  }
   auto block = [&](int64_t c0, auto full) {
     constexpr bool kFull = decltype(full)::value;
     const int loads = kFull ? kLoads : static_cast<int>((v.c - c0 + IO::kWidth - 1) / IO::kWidth);
@@ -183,16 +240,12 @@ void sweep_rows(const ChannelView& v, int64_t first, int64_t last, const std::ar
         const int64_t at = row * v.c + c0 + b * IO::kWidth, n = lanes(b);
         std::array<Pack, kIn> x;
         for (int i = 0; i < kIn; ++i) x[i] = IO::load(in[i] + at, n);
-        std::array<Pack, kOut> y;
-        for (int part = 0; part < IO::kParts; ++part) {
-          std::array<typename IO::Acc, kIn> xs;
-          std::array<typename IO::Acc, kParams> ps;
-          for (int i = 0; i < kIn; ++i) xs[i] = x[i][part];
-          for (int k = 0; k < kParams; ++k) ps[k] = p[k][b][part];
-          const auto ys = fn(xs, ps);
-          for (int t = 0; t < kTerms; ++t) acc[t][b][part] = acc[t][b][part] + ys[t];
-          for (int o = 0; o < kOut; ++o) y[o][part] = ys[kTerms + o];
-        }
+        std::array<Pack, kParams> pb;
+        std::array<Pack, kTerms> ab;
+        for (int k = 0; k < kParams; ++k) pb[k] = p[k][b];
+        for (int t = 0; t < kTerms; ++t) ab[t] = acc[t][b];
+        const auto y = apply_vector<IO, kTerms, kOut>(fn, x, pb, ab);
+        for (int t = 0; t < kTerms; ++t) acc[t][b] = ab[t];
         for (int o = 0; o < kOut; ++o) IO::store(out[o] + at, y[o], n);
       }
     }
