@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -345,6 +346,13 @@ struct ReductionPlan {
   int64_t channel(const ChannelView& v, int64_t unit) const { return unit / pieces % v.c; }
 };
 
+// Channels per task of a merge that reads `per_channel` partial results of each channel: about kGrainSize values
+// per task. With a few channels the merge stays on one thread; with wide rows (ResNet-50's 2048 channels over 24
+// pieces) it spreads, instead of one thread merging while the other spins.
+inline int64_t merge_grain(int64_t per_channel) {
+  return std::max<int64_t>(1, kGrainSize / std::max<int64_t>(per_channel, 1));
+}
+
 // Per-channel sums in double of kTerms quantities, fn(in[0][i], ..., params...) -> std::array<Acc, kTerms + kOut>:
 // its first kTerms values are summed, accumulated in the accumulation type over chunks of a few thousand
 // elements, then in double, so they stay accurate for any count; the other kOut values are stored to out[o][i]
@@ -357,14 +365,16 @@ std::vector<double> sum_per_channel(const ChannelView& v, const std::array<const
   using opmath_t = at::opmath_type<scalar_t>;
   const ReductionPlan plan = ReductionPlan::of(v);
   const int64_t slots = ReductionPlan::slots(v);
-  std::vector<double> partial(plan.units(v) * kTerms * slots, 0.0);  // [unit][term][slot]
+  // [unit][term][slot], zeroed by each unit as it starts: units x C values are not cleared by one thread.
+  std::unique_ptr<double[]> partial(new double[plan.units(v) * kTerms * slots]);
 
   at::parallel_for(0, plan.units(v), plan.grain(v), [&](int64_t begin, int64_t end) {
     if (v.channels_last()) {
       const int64_t width = padded<scalar_t>(v.c);
       std::vector<opmath_t> acc(kTerms * width);
       for (int64_t unit = begin; unit < end; ++unit) {
-        double* unit_sums = partial.data() + unit * kTerms * slots;
+        double* unit_sums = partial.get() + unit * kTerms * slots;
+        std::fill_n(unit_sums, kTerms * slots, 0.0);
         const int64_t last = std::min(v.n * v.s, (unit + 1) * plan.piece_size);
         for (int64_t row = unit * plan.piece_size; row < last; row += chunk_rows(v.c)) {
           sweep_rows<scalar_t, kIn, kParams, kTerms, kOut>(v, row, std::min(last, row + chunk_rows(v.c)), in, params,
@@ -378,7 +388,8 @@ std::vector<double> sum_per_channel(const ChannelView& v, const std::array<const
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t plane = unit / plan.pieces, channel = plane % v.c;
         const int64_t start = unit % plan.pieces * plan.piece_size, stop = std::min(v.s, start + plan.piece_size);
-        double* unit_sums = partial.data() + unit * kTerms;
+        double* unit_sums = partial.get() + unit * kTerms;
+        std::fill_n(unit_sums, kTerms, 0.0);
         for (int64_t s = start; s < stop; s += kChunk) {
           const auto chunk = sum_segment<scalar_t, kIn, kParams, kTerms, kOut>(
               plane * v.s + s, std::min(kChunk, stop - s), channel, in, params, out, fn);
@@ -388,13 +399,20 @@ std::vector<double> sum_per_channel(const ChannelView& v, const std::array<const
     }
   });
   std::vector<double> sums(kTerms * v.c, 0.0);
+  if (v.channels_last()) {
+    // Ranges of channels in parallel, each adding the units up in their order (the result does not depend on the
+    // split).
+    at::parallel_for(0, v.c, merge_grain(plan.units(v) * kTerms), [&](int64_t c0, int64_t c1) {
+      for (int64_t unit = 0; unit < plan.units(v); ++unit) {
+        const double* from = partial.get() + unit * kTerms * slots;
+        for (int t = 0; t < kTerms; ++t)
+          for (int64_t c = c0; c < c1; ++c) sums[t * v.c + c] += from[t * v.c + c];
+      }
+    });
+    return sums;
+  }
   for (int64_t unit = 0; unit < plan.units(v); ++unit) {
-    const double* from = partial.data() + unit * kTerms * slots;
-    if (v.channels_last()) {
-      for (int64_t i = 0; i < kTerms * v.c; ++i) sums[i] += from[i];
-    } else {
-      for (int t = 0; t < kTerms; ++t) sums[t * v.c + plan.channel(v, unit)] += from[t];
-    }
+    for (int t = 0; t < kTerms; ++t) sums[t * v.c + plan.channel(v, unit)] += partial[unit * kTerms + t];
   }
   return sums;
 }
@@ -431,7 +449,9 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
   const int64_t units = plan.units(v);
   // Per unit and slot: (count, mean, M2); NCHW units hold one channel each.
   const int64_t slots = ReductionPlan::slots(v);
-  std::vector<double> count(units * slots, 0.0), mean(units * slots, 0.0), m2(units * slots, 0.0);
+  // Set by each unit as it starts: units x C values are not cleared by one thread.
+  std::unique_ptr<double[]> count(new double[units * slots]), mean(new double[units * slots]),
+      m2(new double[units * slots]);
 
   // The terms summed: x - shift (the chunk's sum), then (x - centre)^2 about its mean (the chunk's M2).
   auto deviations = [](const auto& in, const auto& p) { return std::array<Acc, 1>{in[0] - p[0]}; };
@@ -447,11 +467,14 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
       std::vector<double> chunk_mean(v.c);
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t first = unit * plan.piece_size, last = std::min(v.n * v.s, first + plan.piece_size);
-        if (first >= last) continue;
-        for (int64_t c = 0; c < v.c; ++c) shift[c] = static_cast<opmath_t>(x[first * v.c + c]);
         double n_u = 0;  // every channel of a row range has the same count
-        double* mean_u = mean.data() + unit * slots;
-        double* m2_u = m2.data() + unit * slots;
+        double* mean_u = mean.get() + unit * slots;
+        double* m2_u = m2.get() + unit * slots;
+        std::fill_n(mean_u, slots, 0.0);
+        std::fill_n(m2_u, slots, 0.0);
+        if (first < last) {
+          for (int64_t c = 0; c < v.c; ++c) shift[c] = static_cast<opmath_t>(x[first * v.c + c]);
+        }
         for (int64_t row = first; row < last; row += chunk_rows(v.c)) {
           const int64_t rows = std::min(last, row + chunk_rows(v.c)) - row;
           sweep_rows<scalar_t, 1, 1, 1, 0>(v, row, row + rows, {x}, {shift.data()}, {}, deviations, acc.data());
@@ -471,13 +494,14 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
           }
           n_u = total;
         }
-        std::fill(count.begin() + unit * slots, count.begin() + (unit + 1) * slots, n_u);
+        std::fill_n(count.get() + unit * slots, slots, n_u);
       }
     } else {
       constexpr int64_t kChunk = 4096;
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t plane = unit / plan.pieces;
         const int64_t start = unit % plan.pieces * plan.piece_size, stop = std::min(v.s, start + plan.piece_size);
+        count[unit] = mean[unit] = m2[unit] = 0;
         if (start >= stop) continue;
         const int64_t base = plane * v.s;
         const opmath_t shift = static_cast<opmath_t>(x[base + start]);
@@ -500,24 +524,30 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
   });
 
   Moments result{std::vector<double>(v.c, 0.0), std::vector<double>(v.c, 0.0)};
+  if (v.channels_last()) {
+    // Ranges of channels in parallel, each merging the units in their order (the result does not depend on the
+    // split). Every channel of a row range has the same count: the merge's weights once per unit, no division per
+    // channel (as for the chunks above).
+    at::parallel_for(0, v.c, merge_grain(2 * units), [&](int64_t c0, int64_t c1) {
+      double n = 0;
+      for (int64_t unit = 0; unit < units; ++unit) {
+        const double nb = count[unit * slots];
+        if (nb == 0) continue;
+        const double sum = n + nb, weight = nb / sum, cross = n * nb / sum;
+        const double* mean_u = mean.get() + unit * slots;
+        const double* m2_u = m2.get() + unit * slots;
+        for (int64_t c = c0; c < c1; ++c) {
+          const double delta = mean_u[c] - result.mean[c];
+          result.mean[c] += delta * weight;
+          result.m2[c] += m2_u[c] + delta * delta * cross;
+        }
+        n = sum;
+      }
+    });
+    return result;
+  }
   std::vector<double> total(v.c, 0.0);
   for (int64_t unit = 0; unit < units; ++unit) {
-    if (v.channels_last()) {
-      // Every channel of a row range has the same count: the merge's weights once per unit, no division per
-      // channel (as for the chunks above).
-      const double nb = count[unit * slots];
-      if (nb == 0) continue;
-      const double n = total[0], sum = n + nb, weight = nb / sum, cross = n * nb / sum;
-      const double* mean_u = mean.data() + unit * slots;
-      const double* m2_u = m2.data() + unit * slots;
-      for (int64_t c = 0; c < v.c; ++c) {
-        const double delta = mean_u[c] - result.mean[c];
-        result.mean[c] += delta * weight;
-        result.m2[c] += m2_u[c] + delta * delta * cross;
-      }
-      std::fill(total.begin(), total.end(), sum);
-      continue;
-    }
     if (count[unit] > 0) {
       const int64_t c = plan.channel(v, unit);
       detail::chan_merge(total[c], result.mean[c], result.m2[c], count[unit], mean[unit], m2[unit]);
