@@ -149,9 +149,12 @@ C10_ALWAYS_INLINE std::array<typename IO::Pack, kOut> apply_vector(const Fn& fn,
 // visit(j, n, results): the vector starts at element offset + j and has n valid lanes (a tail: n < kWidth).
 // fn(const std::array<Acc, kIn>&, const std::array<Acc, kParams>&) -> std::array<Acc, kResults>, where in[i] are
 // the inputs' values and params[k] the per-channel parameters of those elements.
+// The pointer arrays are taken by value, here and in the sweeps below: at::vec's vector types may alias anything,
+// so with arrays held by reference every store made the compiler reload each pointer (perf annotate of
+// bn_act_backward's apply pass: the pointer loads and stack spills were its hottest instructions).
 template <typename scalar_t, int kIn, int kParams, int kResults, typename Fn, typename Visit>
-void sweep_segment(int64_t offset, int64_t count, int64_t channel, const std::array<const scalar_t*, kIn>& in,
-                   const std::array<const at::opmath_type<scalar_t>*, kParams>& params, const Fn& fn,
+void sweep_segment(int64_t offset, int64_t count, int64_t channel, std::array<const scalar_t*, kIn> in,
+                   std::array<const at::opmath_type<scalar_t>*, kParams> params, const Fn& fn,
                    const Visit& visit) {
   using IO = VecIO<scalar_t>;
   std::array<typename IO::Pack, kParams> p;
@@ -193,9 +196,9 @@ constexpr int64_t sweep_rows_block() {
 // channels: 4 vectors) leaves too few independent sums to hide that store-to-load latency; parameters loaded
 // per row cost as many loads as the data. Lanes past C (a tail load's zeros) hold sums nobody reads.
 template <typename scalar_t, int kIn, int kParams, int kTerms, int kOut, typename Fn>
-void sweep_rows(const ChannelView& v, int64_t first, int64_t last, const std::array<const scalar_t*, kIn>& in,
-                const std::array<const at::opmath_type<scalar_t>*, kParams>& params,
-                const std::array<scalar_t*, kOut>& out, const Fn& fn, at::opmath_type<scalar_t>* sums) {
+void sweep_rows(const ChannelView& v, int64_t first, int64_t last, std::array<const scalar_t*, kIn> in,
+                std::array<const at::opmath_type<scalar_t>*, kParams> params,
+                std::array<scalar_t*, kOut> out, const Fn& fn, at::opmath_type<scalar_t>* sums) {
   using IO = VecIO<scalar_t>;
   using Pack = typename IO::Pack;
   constexpr int64_t kBlock = sweep_rows_block<scalar_t, kParams, kTerms>();
@@ -266,9 +269,9 @@ void sweep_rows(const ChannelView& v, int64_t first, int64_t last, const std::ar
 // as for sweep_segment), accumulated in registers; fn's other kOut results are stored to out[o].
 template <typename scalar_t, int kIn, int kParams, int kTerms, int kOut, typename Fn>
 std::array<double, kTerms> sum_segment(int64_t offset, int64_t count, int64_t channel,
-                                       const std::array<const scalar_t*, kIn>& in,
-                                       const std::array<const at::opmath_type<scalar_t>*, kParams>& params,
-                                       const std::array<scalar_t*, kOut>& out, const Fn& fn) {
+                                       std::array<const scalar_t*, kIn> in,
+                                       std::array<const at::opmath_type<scalar_t>*, kParams> params,
+                                       std::array<scalar_t*, kOut> out, const Fn& fn) {
   using IO = VecIO<scalar_t>;
   using Acc = typename IO::Acc;
   std::array<typename IO::Pack, kTerms> acc;
@@ -312,7 +315,7 @@ void map_per_channel(const ChannelView& v, const std::array<const scalar_t*, kIn
   }
   for_each_segment(v, [&](int64_t offset, int64_t count, int64_t channel) {
     sweep_segment<scalar_t, kIn, kParams, kOut>(offset, count, channel, in, params, fn,
-                                                [&](int64_t j, int64_t n, const auto& y) {
+                                                [out, offset](int64_t j, int64_t n, const auto& y) {
                                                   for (int o = 0; o < kOut; ++o) IO::store(out[o] + offset + j, y[o], n);
                                                 });
   });
