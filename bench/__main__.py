@@ -48,7 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS[:-1]), help="which comparisons to run")
     parser.add_argument("--quick", action="store_true",
                         help="a few op shapes at batch 2 (a quarter of the resolution on a GPU), and the models without "
-                             "torch.compile: about three minutes on a 2-core CPU")
+                             "torch.compile: under a minute on a 2-core CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", nargs="+", choices=DTYPES,
                         help="default: bfloat16 on a GPU; on a CPU float32, and bfloat16 too without --quick")
