@@ -125,12 +125,14 @@ void for_each_segment(const ChannelView& v, const Segment& segment) {
                    });
 }
 
-// fn over the elements of one load (fn as described at sweep_segment, below), an accumulation-type vector at a time: its first
-// kTerms results added to acc, the other kOut returned.
+// fn over the elements of one load (fn as described at sweep_segment, below), an accumulation-type vector at a
+// time: its first kTerms results added to acc, the other kOut returned. Always inlined: as a plain template,
+// bn_act_backward over 8x64x28x28 NHWC took 208 us against 110 with the body written out in each sweep.
 template <typename IO, int kTerms, int kOut, size_t kIn, size_t kParams, typename Fn>
-C10_ALWAYS_INLINE std::array<typename IO::Pack, kOut> apply_vector(const Fn& fn, const std::array<typename IO::Pack, kIn>& x,
-                                                 const std::array<typename IO::Pack, kParams>& p,
-                                                 std::array<typename IO::Pack, kTerms>& acc) {
+C10_ALWAYS_INLINE std::array<typename IO::Pack, kOut> apply_vector(const Fn& fn,
+                                                                   const std::array<typename IO::Pack, kIn>& x,
+                                                                   const std::array<typename IO::Pack, kParams>& p,
+                                                                   std::array<typename IO::Pack, kTerms>& acc) {
   std::array<typename IO::Pack, kOut> y;
   for (int part = 0; part < IO::kParts; ++part) {
     std::array<typename IO::Acc, kIn> xs;
@@ -211,7 +213,7 @@ void sweep_rows(const ChannelView& v, int64_t first, int64_t last, std::array<co
     // (the statistics, the backward without ReLU), and with wider rows (1024 or 2048 channels: 8 or 16 KB of
     // sums), the blocks measured as fast or faster, so those keep them.
     if (v.c > kBlock && kTerms * width * static_cast<int64_t>(sizeof(at::opmath_type<scalar_t>)) <= 4096) {
-      for (int t = 0; t < kTerms; ++t) std::fill(sums + t * width, sums + (t + 1) * width, at::opmath_type<scalar_t>(0));
+      std::fill(sums, sums + kTerms * width, at::opmath_type<scalar_t>(0));
       for (int64_t row = first; row < last; ++row) {
         for (int64_t c = 0; c < v.c; c += IO::kWidth) {
           const int64_t at = row * v.c + c, n = std::min(IO::kWidth, v.c - c);
