@@ -227,6 +227,8 @@ def test_bad_input(change, error, message):
     x, weight, bias, running_mean, running_var, residual = bn_sample(BNCase("bad", (2, 8, 3, 3)))
     call_args = dict(x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
                      residual=residual, training=True)
+    rf.bn_act(**call_args)  # the good call first: its checks are then cached (CheckCache), the bad call's must not be
     change(call_args)
-    with pytest.raises(error, match=message):
-        rf.bn_act(**call_args)
+    for _ in range(2):  # and a failed check is not cached either
+        with pytest.raises(error, match=message):
+            rf.bn_act(**call_args)

@@ -172,9 +172,11 @@ BAD_INPUTS = [
 def test_bad_input(change, error, message):
     (x, weight, bias, residual), kwargs = conv_sample(ConvCase("bad", 2, 8, (9, 9), 8, 3, padding=1))
     call = dict(x=x, weight=weight, bias=bias, residual=residual, **kwargs)
+    rf.conv_bn_act(**call)  # the good call first: its checks are then cached (CheckCache), the bad call's must not be
     change(call)
-    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
-        rf.conv_bn_act(**call)
+    for _ in range(2):  # and a failed check is not cached either
+        with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+            rf.conv_bn_act(**call)
 
 
 def test_unavailable_backend_is_named():

@@ -108,7 +108,9 @@ def _onednn_runs(x: torch.Tensor, conv: nn.Conv2d) -> bool:
 
 def _trains(bn: nn.Module) -> bool:
     """Whether bn normalizes with batch statistics: training, or no running statistics to use."""
-    return isinstance(bn, _BatchNorm) and (bn.training or bn.running_mean is None)
+    # _buffers directly: nn.Module.__getattr__ costs a microsecond a call (a _BatchNorm always registers
+    # running_mean, as None without running statistics).
+    return isinstance(bn, _BatchNorm) and (bn.training or bn._buffers["running_mean"] is None)
 
 
 def _conv_args(conv: nn.Conv2d) -> dict:
@@ -325,7 +327,7 @@ class FusedModule(nn.Module):
             return _fold(conv, bn, dtype)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return _fold(conv, bn, dtype)  # differentiable, recomputed every call
-        if _capturing(conv.weight):
+        if _capturing(tensors[0]):
             return _fold(conv, bn, dtype)  # recorded in the CUDA graph: every replay refolds
         try:
             stamp = (bn.eps, *[None if t is None else (t.data_ptr(), t._version) for t in tensors])

@@ -1,6 +1,8 @@
 """Argument checks shared by the ops. They run once, before any backend, so every backend fails the
 same way: TypeError for wrong types and dtypes, ValueError for wrong shapes and values, RuntimeError
 for device mixes."""
+from collections.abc import Callable
+
 import torch
 
 
@@ -39,3 +41,48 @@ def pair(value, name: str, minimum: int) -> tuple[int, int]:
     if min(values) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return values
+
+
+def call_signature(tensors: tuple, *options) -> tuple | None:
+    """What an op's argument checks read of a call, as a key for CheckCache: each of `tensors`' shape, dtype and
+    device (None for None), then `options` (the other arguments the checks look at, hashable). None, so never
+    cached, when one of `tensors` is neither a tensor nor None: the checks then say what it is."""
+    described = []
+    for t in tensors:
+        if t is None:
+            described.append(None)
+        elif isinstance(t, torch.Tensor):
+            described.append((t.shape, t.dtype, t.device))
+        else:
+            return None
+    return (*described, *options)
+
+
+class CheckCache:
+    """An op's argument checks, run once per call signature (see call_signature): a call whose signature passed
+    before gets the checks' result again without running them. The checks are Python and cost microseconds per
+    call, as much as a small layer's kernels (bench/overhead.py measures it); a model calls each op with the same
+    few signatures over and over. The checks must depend on nothing but the signature and return no tensor.
+    Bypassed under torch.compile and torch.export, which run the checks once when they trace. Holds at most
+    `limit` signatures and is emptied when full, so inputs whose shapes never repeat cannot grow it."""
+
+    def __init__(self, check: Callable, limit: int = 256):
+        self._check = check
+        self._results: dict = {}
+        self._limit = limit
+
+    def __call__(self, signature: tuple | None, *args):
+        """check(*args), or its result for an earlier call with the same signature."""
+        if signature is None or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return self._check(*args)
+        try:
+            return self._results[signature]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable option: the checks say what is wrong with it, or pass it every time
+            return self._check(*args)
+        result = self._check(*args)
+        if len(self._results) >= self._limit:
+            self._results.clear()
+        self._results[signature] = result
+        return result

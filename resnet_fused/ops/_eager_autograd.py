@@ -20,14 +20,15 @@ from ._no_double_backward import differentiable_once as _differentiable_once
 below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
-# Per op (torch.ops.namespace.name): its eager caller.
+# Per op overload (torch.ops.namespace.name.default): its eager caller.
 _CALLERS = {}
 
 
 def op_of(qualname: str):
-    """torch.ops.<namespace>.<name> of "namespace::name"."""
+    """torch.ops.<namespace>.<name>.default of "namespace::name": the overload itself, since calling the packet
+    (torch.ops.<namespace>.<name>) picks the overload again on every call (about 4 us here)."""
     namespace, name = qualname.split("::")
-    return getattr(getattr(torch.ops, namespace), name)
+    return getattr(getattr(torch.ops, namespace), name).default
 
 
 def register_autograd(qualname: str, backward: Callable, setup_context: Callable, **options) -> None:
@@ -39,7 +40,8 @@ def register_autograd(qualname: str, backward: Callable, setup_context: Callable
 
 
 def eager(op):
-    """The eager caller of an op whose formulas were registered with register_autograd (see eager_caller)."""
+    """The eager caller of an op overload (torch.ops.<namespace>.<name>.default) whose formulas were registered
+    with register_autograd (see eager_caller)."""
     return _CALLERS[op]
 
 
@@ -64,8 +66,12 @@ def eager_caller(op, setup_context: Callable, backward: Callable, *, differentia
             with below_autograd():
                 output = op(*args)
             setup_context(ctx, args, output)
-            if isinstance(output, tuple):
+            if isinstance(output, tuple) and len(output) > differentiable_outputs:
                 ctx.mark_non_differentiable(*output[differentiable_outputs:])
+                if differentiable_outputs == 1:
+                    # Only the first output carries a gradient, so the backward always gets one for it; no zeros
+                    # need be made for the others (the backward ignores them).
+                    ctx.set_materialize_grads(False)
             return output
 
         backward = staticmethod(eager_backward)

@@ -29,10 +29,10 @@ def differentiable_once(what: str):
     def decorate(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():  # a backward without create_graph: nothing records it
+                return backward(ctx, *grads)
             with torch.no_grad():
                 results = backward(ctx, *grads)
-            if not torch.is_grad_enabled():
-                return results
             anchors = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
             present = [i for i, r in enumerate(results) if isinstance(r, torch.Tensor)]
             if not anchors or not present:

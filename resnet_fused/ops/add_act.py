@@ -20,7 +20,8 @@ def add_act(x, residual, *, relu=True, backend=None):
     x, residual = dense(x), dense(residual)
     if name == "reference":
         return reference.add_act(x, residual, relu).contiguous(memory_format=output_memory_format(x))
-    op = torch.ops.resnet_fused.add_act_triton if name == "triton" else torch.ops.resnet_fused.add_act
+    ops = torch.ops.resnet_fused
+    op = ops.add_act_triton.default if name == "triton" else ops.add_act.default
     return eager(op)(x, residual, relu)
 
 

@@ -1,11 +1,13 @@
 """rf.bn_act: batch norm + optional residual add + optional ReLU, training and eval."""
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 
 from .. import reference
 from .._library import library_loaded
 from ..backends import resolve_backend
-from ._checks import check_same_device, check_same_dtype, check_shape, check_tensor
+from ._checks import CheckCache, call_signature, check_same_device, check_same_dtype, check_shape, check_tensor
 from ._eager_autograd import eager, op_of, register_autograd
 from ._layout import dense, empty_output, output_memory_format
 from .sync_bn import SyncBNAct
@@ -28,12 +30,38 @@ def _param_dtype(x, params: dict) -> torch.dtype:
     return dtype
 
 
+def _check_tensors(x, weight, bias, running_mean, running_var, residual, training: bool) -> torch.dtype:
+    """bn_act's checks of its tensors; returns the BN parameters' dtype (see _param_dtype)."""
+    check_tensor(x, "x", 4)
+    channels = x.shape[1]
+    params = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
+    for name, t in params.items():
+        if t is not None:
+            check_tensor(t, name, 1)
+            check_shape(t, name, (channels,))
+    if residual is not None:
+        check_tensor(residual, "residual", 4)
+        check_shape(residual, "residual", x.shape)
+    check_same_dtype(x, "x", residual=residual)
+    param_dtype = _param_dtype(x, params)
+    check_same_device(x, "x", residual=residual, **params)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if not training and running_mean is None:
+        raise ValueError("eval mode (training=False) needs running_mean and running_var")
+    return param_dtype
+
+
+_CHECKS = CheckCache(_check_tensors)
+
+
 def backend_ops(name: str):
-    """The (bn_act, bn_act_backward) op pair of a backend with bn_act kernels (cpu, cuda: the C++ ops; triton)."""
+    """The (bn_act, bn_act_backward) op overloads of a backend with bn_act kernels (cpu, cuda: the C++ ops;
+    triton)."""
     ops = torch.ops.resnet_fused
     if name == "triton":
-        return ops.bn_act_triton, ops.bn_act_backward_triton
-    return ops.bn_act, ops.bn_act_backward
+        return ops.bn_act_triton.default, ops.bn_act_backward_triton.default
+    return ops.bn_act.default, ops.bn_act_backward.default
 
 
 def bn_act(x, weight, bias, running_mean, running_var, residual=None, *, training, momentum=0.1, eps=1e-5,
@@ -48,19 +76,6 @@ def bn_act(x, weight, bias, running_mean, running_var, residual=None, *, trainin
     process_group (a torch.distributed group, or dist.group.WORLD) synchronizes the batch statistics in
     training across its processes, as nn.SyncBatchNorm does; it needs an initialized process group.
     """
-    check_tensor(x, "x", 4)
-    channels = x.shape[1]
-    params = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
-    for name, t in params.items():
-        if t is not None:
-            check_tensor(t, name, 1)
-            check_shape(t, name, (channels,))
-    if residual is not None:
-        check_tensor(residual, "residual", 4)
-        check_shape(residual, "residual", x.shape)
-    check_same_dtype(x, "x", residual=residual)
-    param_dtype = _param_dtype(x, params)
-    check_same_device(x, "x", residual=residual, **params)
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {training!r}")
     if momentum is None:
@@ -68,10 +83,9 @@ def bn_act(x, weight, bias, running_mean, running_var, residual=None, *, trainin
             "momentum=None (a cumulative moving average) needs the batch count: pass "
             "momentum=1/num_batches_tracked, as nn.BatchNorm2d does"
         )
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    if not training and running_mean is None:
-        raise ValueError("eval mode (training=False) needs running_mean and running_var")
+    tensors = (x, weight, bias, running_mean, running_var, residual)
+    param_dtype = _CHECKS(call_signature(tensors, training), *tensors, training)
+    channels = x.shape[1]
     if training and process_group is not None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("process_group needs an initialized torch.distributed process group")
@@ -98,7 +112,11 @@ def bn_act(x, weight, bias, running_mean, running_var, residual=None, *, trainin
         training, float(momentum), float(eps), relu,
     )
     if training and running_mean is not None:
-        with torch.no_grad():
+        # Under no_grad only where a copy would be recorded (the context costs microseconds a call): the eager
+        # caller marks new_mean and new_var non-differentiable, but traced with the registered formulas
+        # (torch.compile) they require grad.
+        recorded = any(t.requires_grad for t in (running_mean, running_var, new_mean, new_var))
+        with torch.no_grad() if recorded else nullcontext():
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
     return out
@@ -142,6 +160,8 @@ def _backward_with(backward_op):
 
 
 def _backward(ctx, grad_out, backward_op):
+    if grad_out is None:  # no gradient reached the output (the eager caller does not materialize zeros)
+        return (None,) * 10
     x, weight, save_mean, save_invstd, out = ctx.saved_tensors
     need_x, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
     grad_x, grad_weight, grad_bias, grad_pre = backward_op(

@@ -5,28 +5,33 @@ import torch.nn.functional as F
 from .. import reference
 from .._library import library_loaded
 from ..backends import resolve_backend
-from ._checks import check_same_device, check_same_dtype, check_shape, check_tensor, pair
+from ._checks import CheckCache, call_signature, check_same_device, check_same_dtype, check_shape, check_tensor, pair
 from ._eager_autograd import eager, register_autograd
 from ._layout import dense, empty_output, output_memory_format
 
 
-def _resolve_padding(x, padding, weight, stride, dilation):
-    """(x, symmetric padding pair) for an int, a pair, 'valid' or 'same'. 'same' with an odd total
-    padding pads x by one more row/column at the end, as F.conv2d does."""
+def _resolve_padding(padding, weight, stride, dilation):
+    """(symmetric padding pair, extra) for an int, a pair, 'valid' or 'same'; `extra` (see pad_extra) is the
+    [left, right, top, bottom] padding F.pad adds to x for a 'same' whose total padding is odd, one more row or
+    column at the end, as F.conv2d does; None otherwise."""
     if not isinstance(padding, str):
-        return x, pair(padding, "padding", 0)
+        return pair(padding, "padding", 0), None
     if padding == "valid":
-        return x, (0, 0)
+        return (0, 0), None
     if padding != "same":
         raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
     if stride != (1, 1):
         raise ValueError(f"padding='same' needs stride 1, got stride {stride}")
     totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
-    extra = [t % 2 for t in totals]
-    if any(extra):
-        fmt = output_memory_format(x)
-        x = F.pad(x, [0, extra[1], 0, extra[0]]).contiguous(memory_format=fmt)
-    return x, (totals[0] // 2, totals[1] // 2)
+    extra = [0, totals[1] % 2, 0, totals[0] % 2]
+    return (totals[0] // 2, totals[1] // 2), extra if any(extra) else None
+
+
+def pad_extra(x, extra):
+    """x padded by `extra` from check_conv_geometry (x itself for None), in x's memory format."""
+    if extra is None:
+        return x
+    return F.pad(x, extra).contiguous(memory_format=output_memory_format(x))
 
 
 def conv_output_shape(x, weight, stride, padding, dilation) -> tuple[int, int, int, int]:
@@ -50,7 +55,8 @@ def conv_bn_act(x, weight, bias=None, residual=None, *, stride=1, padding=0, dil
     if name == "reference":
         out = reference.conv_bn_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
         return out.contiguous(memory_format=output_memory_format(x))
-    op = torch.ops.resnet_fused.conv_bn_act_triton if name == "triton" else torch.ops.resnet_fused.conv_bn_act
+    ops = torch.ops.resnet_fused
+    op = ops.conv_bn_act_triton.default if name == "triton" else ops.conv_bn_act.default
     return eager(op)(x, weight, bias, residual, list(stride), list(padding), list(dilation), groups, relu)
 
 
@@ -86,8 +92,8 @@ def conv_bn_act_into_residual(x, weight, bias, residual, *, stride=1, padding=0,
     return residual
 
 
-def _checked(x, weight, bias, residual, stride, padding, dilation, groups):
-    """The argument checks of conv_bn_act: (x, stride, padding, dilation), see check_conv_geometry."""
+def _check_arguments(x, weight, bias, residual, stride, padding, dilation, groups):
+    """The argument checks of conv_bn_act: (stride, padding, dilation, extra), see check_conv_geometry."""
     check_tensor(x, "x", 4)
     check_tensor(weight, "weight", 4)
     if bias is not None:
@@ -96,15 +102,28 @@ def _checked(x, weight, bias, residual, stride, padding, dilation, groups):
         check_tensor(residual, "residual", 4)
     check_same_dtype(x, "x", weight=weight, bias=bias, residual=residual)
     check_same_device(x, "x", weight=weight, bias=bias, residual=residual)
-    x, stride, padding, dilation, out_shape = check_conv_geometry(x, weight, stride, padding, dilation, groups)
+    stride, padding, dilation, extra, out_shape = check_conv_geometry(x, weight, stride, padding, dilation, groups)
     check_shape(bias, "bias", (out_shape[1],))
     check_shape(residual, "residual", out_shape)
-    return x, stride, padding, dilation
+    return stride, padding, dilation, extra
+
+
+_CHECKS = CheckCache(_check_arguments)
+
+
+def _checked(x, weight, bias, residual, stride, padding, dilation, groups):
+    """(x, stride, padding, dilation) after the checks (once per call signature), x padded for an asymmetric
+    padding='same'."""
+    tensors = (x, weight, bias, residual)
+    stride, padding, dilation, extra = _CHECKS(call_signature(tensors, stride, padding, dilation, groups), *tensors,
+                                               stride, padding, dilation, groups)
+    return pad_extra(x, extra), stride, padding, dilation
 
 
 def check_conv_geometry(x, weight, stride, padding, dilation, groups):
-    """Checks the conv arguments against x and weight (4-D tensors): (x, stride, padding, dilation,
-    output shape), the pairs resolved and x padded at the end for an asymmetric padding='same'."""
+    """Checks the conv arguments against x and weight (4-D tensors): (stride, padding, dilation, extra, output
+    shape), the pairs resolved; `extra` the padding an asymmetric padding='same' adds to x (see pad_extra), the
+    output shape that of the padded x."""
     stride, dilation = pair(stride, "stride", 1), pair(dilation, "dilation", 1)
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
@@ -116,14 +135,16 @@ def check_conv_geometry(x, weight, stride, padding, dilation, groups):
         )
     if c_out % groups:
         raise ValueError(f"weight has {c_out} output channels, not divisible by groups={groups}")
-    x, padding = _resolve_padding(x, padding, weight, stride, dilation)
-    out_shape = conv_output_shape(x, weight, stride, padding, dilation)
-    if out_shape[2] < 1 or out_shape[3] < 1:
+    padding, extra = _resolve_padding(padding, weight, stride, dilation)
+    batch, _, height, width = conv_output_shape(x, weight, stride, padding, dilation)
+    if height < 1 or width < 1:
         raise ValueError(
             f"input of spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than the "
             f"kernel {tuple(weight.shape[2:])} with dilation {dilation}"
         )
-    return x, stride, padding, dilation, out_shape
+    if extra is not None:  # 'same' runs at stride 1: each row or column padded onto x is one more of the output
+        height, width = height + extra[3], width + extra[1]
+    return stride, padding, dilation, extra, (batch, c_out, height, width)
 
 
 def _fake(x, weight, bias, residual, stride, padding, dilation, groups, relu):

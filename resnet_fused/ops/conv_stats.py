@@ -9,7 +9,7 @@ from ..backends import resolve_backend
 from ._checks import check_same_device, check_same_dtype, check_shape, check_tensor
 from ._eager_autograd import eager, register_autograd
 from ._layout import dense, empty_output, output_memory_format
-from .conv_bn_act import check_conv_geometry, conv_output_shape
+from .conv_bn_act import check_conv_geometry, conv_output_shape, pad_extra
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -44,19 +44,20 @@ def conv_stats(x, weight, scale=None, shift=None, *, relu=True, stride=1, paddin
             raise TypeError(f"scale and shift have dtype {scale.dtype} but x has {x.dtype}; they must match, "
                             f"or be float32 for a float16/bfloat16 x")
     check_same_device(x, "x", weight=weight, scale=scale, shift=shift)
-    padded_x, stride, padding, dilation, _ = check_conv_geometry(x, weight, stride, padding, dilation, groups)
-    if padded_x is not x and scale is not None:
+    stride, padding, dilation, extra, _ = check_conv_geometry(x, weight, stride, padding, dilation, groups)
+    if extra is not None and scale is not None:
         # The prologue would turn the zeros padded onto x into relu(shift); the padding belongs to z.
         raise ValueError("padding='same' here pads asymmetrically, which conv_stats with scale and shift does "
                          "not take: pass integer padding")
-    x = padded_x
+    x = pad_extra(x, extra)
 
     name = resolve_backend("conv_stats", backend, x.device, x.dtype)
     x = dense(x)
     if name == "reference":
         y, mean, var = reference.conv_stats(x, weight, scale, shift, stride, padding, dilation, groups, relu)
         return y.contiguous(memory_format=output_memory_format(x)), mean, var
-    op = torch.ops.resnet_fused.conv_stats_triton if name == "triton" else torch.ops.resnet_fused.conv_stats
+    ops = torch.ops.resnet_fused
+    op = ops.conv_stats_triton.default if name == "triton" else ops.conv_stats.default
     return eager(op)(x, weight, scale, shift, list(stride), list(padding), list(dilation), groups, relu)
 
 
@@ -129,11 +130,10 @@ def bn_add_relu(y, scale, shift, residual=None, residual_scale=None, residual_sh
     recomputing training ops rebuild, in y's dtype and layout. One pass on the triton and cpu backends (computed
     in y's accumulation type there); PyTorch ops on the others. `backend` is the caller's resolved one; the
     arguments are the callers' own (not checked again)."""
-    if backend == "triton":
-        return eager(torch.ops.resnet_fused.bn_add_relu_triton)(y, scale, shift, residual, residual_scale,
-                                                                residual_shift)
-    if backend == "cpu":
-        return eager(torch.ops.resnet_fused.bn_add_relu)(y, scale, shift, residual, residual_scale, residual_shift)
+    if backend in ("triton", "cpu"):
+        ops = torch.ops.resnet_fused
+        op = ops.bn_add_relu_triton.default if backend == "triton" else ops.bn_add_relu.default
+        return eager(op)(y, scale, shift, residual, residual_scale, residual_shift)
     shape = (1, -1, 1, 1)
     out = torch.addcmul(shift.reshape(shape), y, scale.reshape(shape))
     if residual_scale is not None:
