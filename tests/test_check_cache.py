@@ -65,7 +65,7 @@ def test_non_tensors_and_unhashable_options_are_checked_every_time():
     assert call_signature(([1.0],), 1) is None  # a list where a tensor goes: no signature
     for _ in range(2):
         cache(call_signature(([1.0],), 1), x, 1)
-        cache(call_signature((x,), [1]), x, 1)  # an unhashable option: no error from the cache itself
+        cache(call_signature((x,), {"a": 1}), x, 1)  # an unhashable option: no error from the cache itself
     assert check.runs == 4
 
 
@@ -89,3 +89,11 @@ def test_compiled_code_runs_the_checks(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     cache(call_signature((x,), 1), x, 1)
     assert check.runs == 2
+
+
+@pytest.mark.parametrize("good,other", [(1, 1.0), (1, True), ((1, 1), (1.0, 1)), ((1, 1), [1, 1])], ids=repr)
+def test_options_equal_across_types_are_different_signatures(good, other):
+    # 1 == 1.0 == True, (1, 1) == (1.0, 1): a check that takes one may refuse the other.
+    x = torch.randn(2)
+    assert good == other or list(good) == other
+    assert call_signature((x,), other) != call_signature((x,), good)

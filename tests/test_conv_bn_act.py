@@ -120,10 +120,11 @@ def test_output_memory_format(shape, layout, channels_last, backend, device):
     assert out.stride() == expected.stride()
 
 
-@pytest.mark.parametrize("padding", ["same", "valid"])
-@pytest.mark.parametrize("kernel", [3, 4])
-def test_string_padding(padding, kernel):
-    x = torch.randn(2, 3, 9, 9)
+# 'same' with an even kernel pads one more row and column at the end, which makes a 1-high input valid.
+@pytest.mark.parametrize("padding,kernel,hw", [(padding, kernel, (9, 9)) for padding in ("same", "valid")
+                                               for kernel in (3, 4)] + [("same", 3, (1, 6)), ("same", 4, (1, 6))])
+def test_string_padding(padding, kernel, hw):
+    x = torch.randn(2, 3, *hw)
     weight = torch.randn(4, 3, kernel, kernel)
     for backend in backends_for("conv_bn_act", "cpu"):
         out = rf.conv_bn_act(x, weight, padding=padding, relu=False, backend=backend)
@@ -165,6 +166,11 @@ BAD_INPUTS = [
     ("same with stride", lambda a: a.update(padding="same", stride=2), ValueError, "padding='same' needs stride 1"),
     ("kernel larger than input", lambda a: a.update(x=torch.randn(2, 8, 1, 1), residual=None, padding=0), ValueError, "smaller than the kernel"),
     ("unknown backend", lambda a: a.update(backend="cudnn"), ValueError, "unknown backend 'cudnn'"),
+    # Equal to the good call's values (1 == 1.0 == True), but not ints: the check cache must tell them apart.
+    ("float stride", lambda a: a.update(stride=1.0), TypeError, "stride must be an int or a pair of ints"),
+    ("float in a padding pair", lambda a: a.update(padding=(1.0, 1)), TypeError, "padding must be an int or a pair"),
+    ("bool dilation", lambda a: a.update(dilation=True), TypeError, "dilation must be an int or a pair of ints"),
+    ("float groups", lambda a: a.update(groups=1.0), ValueError, "groups must be a positive int"),
 ]
 
 

@@ -240,6 +240,28 @@ def test_conv_bn_act_module(backend, mode):
     assert "relu=False" in repr(no_relu)
 
 
+class _Scaled(nn.Module):
+    def forward(self, t):
+        return t * 0.5
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_conv_bn_act_module_with_parametrized_bn(mode):
+    # Parametrized tensors leave the module's _parameters and _buffers for computed attributes; the module reads
+    # those dicts directly where it can (per-call cost) and must fall back to the attributes.
+    module = randomize_bn(rf.nn.ConvBNAct(4, 4).double())
+    conv, bn = copy.deepcopy(module.conv), copy.deepcopy(module.bn)
+    for name in ("running_mean", "weight"):
+        torch.nn.utils.parametrize.register_parametrization(module.bn, name, _Scaled())
+    with torch.no_grad():
+        bn.running_mean.mul_(0.5)
+        bn.weight.mul_(0.5)
+    set_mode(module, mode), set_mode(bn, mode), set_mode(conv, mode)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close64(module(x), torch.relu(bn(conv(x))), f"parametrized BN, {mode}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # the folded-weight cache
 

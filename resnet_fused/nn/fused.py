@@ -108,9 +108,12 @@ def _onednn_runs(x: torch.Tensor, conv: nn.Conv2d) -> bool:
 
 def _trains(bn: nn.Module) -> bool:
     """Whether bn normalizes with batch statistics: training, or no running statistics to use."""
-    # _buffers directly: nn.Module.__getattr__ costs a microsecond a call (a _BatchNorm always registers
-    # running_mean, as None without running statistics).
-    return isinstance(bn, _BatchNorm) and (bn.training or bn._buffers["running_mean"] is None)
+    if not isinstance(bn, _BatchNorm):
+        return False
+    # From _buffers, where a _BatchNorm registers running_mean (None without running statistics), as
+    # nn.Module.__getattr__ costs a microsecond a call; a parametrized one is an attribute instead.
+    buffers = bn._buffers
+    return bn.training or (buffers["running_mean"] if "running_mean" in buffers else bn.running_mean) is None
 
 
 def _conv_args(conv: nn.Conv2d) -> dict:

@@ -45,8 +45,8 @@ def pair(value, name: str, minimum: int) -> tuple[int, int]:
 
 def call_signature(tensors: tuple, *options) -> tuple | None:
     """What an op's argument checks read of a call, as a key for CheckCache: each of `tensors`' shape, dtype and
-    device (None for None), then `options` (the other arguments the checks look at, hashable). None, so never
-    cached, when one of `tensors` is neither a tensor nor None: the checks then say what it is."""
+    device (None for None), then `options` (the other arguments the checks look at), each with its type. None,
+    so never cached, when one of `tensors` is neither a tensor nor None: the checks then say what it is."""
     described = []
     for t in tensors:
         if t is None:
@@ -55,7 +55,17 @@ def call_signature(tensors: tuple, *options) -> tuple | None:
             described.append((t.shape, t.dtype, t.device))
         else:
             return None
-    return (*described, *options)
+    return (*described, *map(_typed, options))
+
+
+def _typed(option):
+    """An option with its type, and a tuple's or list's elements with theirs: 1, 1.0, True and numpy's 1 are
+    equal keys, but a check may take one and refuse another. One level deep, as the ops' options go (a pair of
+    ints is the deepest a check accepts)."""
+    kind = type(option)
+    if kind is tuple or kind is list:
+        return (kind, *[(type(element), element) for element in option])
+    return (kind, option)
 
 
 class CheckCache:

@@ -137,13 +137,13 @@ def check_conv_geometry(x, weight, stride, padding, dilation, groups):
         raise ValueError(f"weight has {c_out} output channels, not divisible by groups={groups}")
     padding, extra = _resolve_padding(padding, weight, stride, dilation)
     batch, _, height, width = conv_output_shape(x, weight, stride, padding, dilation)
+    if extra is not None:  # 'same' runs at stride 1: each row or column padded onto x is one more of the output
+        height, width = height + extra[3], width + extra[1]
     if height < 1 or width < 1:
         raise ValueError(
             f"input of spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than the "
             f"kernel {tuple(weight.shape[2:])} with dilation {dilation}"
         )
-    if extra is not None:  # 'same' runs at stride 1: each row or column padded onto x is one more of the output
-        height, width = height + extra[3], width + extra[1]
     return stride, padding, dilation, extra, (batch, c_out, height, width)
 
 
