@@ -281,6 +281,54 @@ def test_bn_alone_and_hooks_are_left_alone():
         assert report.coverage("eval") == 0 and report.not_fused("eval")["bn"].startswith(reason)
 
 
+class ConvBNReLU(nn.Sequential):  # as torchvision's Conv2dNormActivation: nn.Sequential's forward
+    def __init__(self, channels=4, relu=True):
+        super().__init__(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                         *([nn.ReLU()] if relu else []))
+
+
+class Doubled(ConvBNReLU):
+    def forward(self, x):
+        return super().forward(x) * 2  # its own forward: a leaf, never inlined
+
+
+class TwoContainers(nn.Module):
+    def __init__(self, first):
+        super().__init__()
+        self.a, self.b = first, ConvBNReLU(relu=False)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def _plain_conv_bn_relu():
+    return nn.Sequential(*ConvBNReLU())
+
+
+@pytest.mark.parametrize("make_first, hooked, spans", [
+    (ConvBNReLU, False, True),  # inlined: a's BN -> ReLU and b's conv are one recomputing step of the parent
+    (_plain_conv_bn_relu, False, True),
+    (Doubled, False, False),  # its forward is its own: traced alone
+    (ConvBNReLU, True, False),  # a hook on the container would not run inlined: traced alone
+    (_plain_conv_bn_relu, True, False),
+])
+def test_sequential_containers_inlined_where_sequential_runs_them(make_first, hooked, spans):
+    calls, first = [], make_first()
+    if hooked:
+        first.register_forward_hook(lambda *args: calls.append(1))
+    original = randomize_bn(TwoContainers(first)).double()
+    fused, report = rf.fuse(original, backend="cpu" if "cpu" in rf.available_backends() else None, report=True)
+    assert report.coverage("train") == report.coverage("eval") == 1
+    assert ("a.1" in report.recomputed("train")) == (spans and "cpu" in rf.available_backends())
+    assert type(fused.a).__name__.startswith("GraphFused") != spans  # traced on its own where not inlined
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        set_mode(fused, "eval")(x)
+    assert len(calls) == (1 if hooked else 0)  # the fused model's copy of the hook runs
+    assert_same(fused, original, x)
+    assert_same_step(set_mode(fused, "train"), set_mode(original, "train"), x)
+
+
 def test_untraceable_module_is_left_alone_and_reported():
     original = nn.Sequential(randomize_bn(BNOutputReused()), randomize_bn(DataDependent())).double()
     fused, report = rf.fuse(original, report=True)

@@ -17,7 +17,7 @@ from ..nn.fused import FusedModule
 from .match import find_matches, remove_identities, rewrite
 from .report import FuseReport
 from .step import GraphFusedAddReLU, GraphFusedStep, GraphRecomputingStep, sync_group
-from .trace import install, is_atomic, is_container, is_graph_fused, trace_both_modes
+from .trace import install, is_atomic, is_container, is_graph_fused, is_inlined, trace_both_modes
 
 __all__ = ["FuseReport", "GraphFusedAddReLU", "GraphFusedStep", "GraphRecomputingStep", "fuse_graphs", "sync_group"]
 
@@ -59,7 +59,7 @@ def _visit(module, path, backend, shared, report, graph_notes, inlined: bool) ->
         graph_notes[mode].update({_join(path, target): note for target, note in mode_notes.items()})
     for name, child in list(module.named_children()):
         _visit(child, _join(path, name), backend, shared, report, graph_notes,
-               inlined=traced and type(child) is nn.Sequential)
+               inlined=traced and is_inlined(child))
 
 
 def _new_step(targets: tuple, backend) -> GraphFusedStep:

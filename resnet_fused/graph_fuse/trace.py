@@ -1,9 +1,12 @@
 """Shallow torch.fx tracing of one module, in training and in eval mode, and running the rewritten graphs
 in place of the module's forward while the module keeps its class (a subclass of it), methods and state.
 
-Shallow: every submodule is a leaf (called, not traced into), except plain nn.Sequential containers, whose
-calls are inlined so that a pattern spanning a container and its parent (a deep stem and the BN after it)
-is seen. Each module that holds a pattern is rewritten on its own, one at a time.
+Shallow: every submodule is a leaf (called, not traced into), except nn.Sequential containers that run
+nn.Sequential's own forward and have no hooks (plain ones, and subclasses such as torchvision's
+Conv2dNormActivation and RegNet's BottleneckTransform), whose calls are inlined so that a pattern spanning
+containers and their parent (a deep stem and the BN after it; RegNet's conv -> BN -> ReLU in one
+Conv2dNormActivation and the next conv in another) is seen. Each module that holds a pattern is rewritten on
+its own, one at a time.
 Training branches are baked into a trace (`if self.training`, `F.dropout(training=self.training)`), so
 the module is traced in both modes and runs the graph of its current mode.
 """
@@ -21,7 +24,14 @@ class ShallowTracer(fx.Tracer):
         super().__init__(autowrap_functions=tuple(timm_fx.get_notrace_functions()) if timm_fx else ())
 
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
-        return type(module) is not nn.Sequential
+        return not is_inlined(module)
+
+
+def is_inlined(module: nn.Module) -> bool:
+    """Whether a traced parent inlines this submodule's call: an nn.Sequential whose forward is nn.Sequential's
+    (its children called in order, nothing else), without forward hooks, which would not run once inlined."""
+    return (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+            and not module._forward_hooks and not module._forward_pre_hooks)
 
 
 def is_container(module: nn.Module) -> bool:
