@@ -1,13 +1,14 @@
 """Family level: each model of resnet_fused.family (torchvision's and timm's ResNets, SE/ECA/SK/pre-activation
 variants, RegNet) as built, against rf.fuse of it with the same weights: inference (eval, no grad) and a
-training step (forward, loss, backward, SGD), timed side by side. Every fused model is checked against a
-float64 copy first."""
+training step (forward, loss, backward, SGD; on a fused backend also rf.fuse(..., low_memory=True)), timed side
+by side. Every fused model is checked against a float64 copy first."""
 import copy
 
 import torch
 
 import resnet_fused as rf
 from resnet_fused import family
+from resnet_fused.backends import resolve_backend
 from resnet_fused.testing import parity
 
 from .timing import measure_side_by_side
@@ -18,6 +19,9 @@ def run_family_model(name: str, batch: int, size: int, dtype, device, min_run_ti
     torch.manual_seed(0)
     eager = family.build(name).to(device).to(memory_format=torch.channels_last)
     models = {"eager": eager, "fused": rf.fuse(eager, backend=backend)}
+    low_memory = {}  # training only: the recomputed conv outputs change what is kept, not the eval graph
+    if resolve_backend("bn_act", backend, device, dtype) != "reference":
+        low_memory["fused+low_memory"] = rf.fuse(eager, backend=backend, low_memory=True)
     oracle = copy.deepcopy(eager).double()
     images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), device=device)
@@ -48,7 +52,7 @@ def run_family_model(name: str, batch: int, size: int, dtype, device, min_run_ti
             expected = oracle(images.double())
         eager_logits = logits(eager, training)
         rows, timed = {}, {}
-        for provider, model in models.items():
+        for provider, model in {**models, **(low_memory if training else {})}.items():
             rows[provider] = {"op": op, "shape": f"{name} {size}x{size}", "provider": provider, "batch": batch,
                               "dtype": str(dtype)[6:], "throughput_unit": "img/s"}
             check = parity(logits(model, training), eager_logits, expected)

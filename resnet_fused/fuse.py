@@ -35,9 +35,12 @@ def fuse(model: nn.Module, backend: str | None = None, inplace: bool = False,
     ...): each module holding such a pattern is traced with torch.fx and becomes an instance of a subclass of
     its class whose forward runs the fused graph (resnet_fused.graph_fuse). In training, a [conv ->] BN -> ReLU
     -> conv (or max pool) runs as the blocks' recomputing op (bn_relu_conv, bn_relu_max_pool), which keeps the
-    BN input for the backward instead of the ReLU output. Patterns it cannot prove safe are left alone;
-    `report=True` returns `(model, FuseReport)`, which says for every BatchNorm layer, in training and in
-    eval, whether it was fused (and, in training, whether it is recomputed) and why not.
+    BN input for the backward instead of the ReLU output; with `low_memory=True`, a BN [-> + residual]
+    [-> ReLU] after that conv runs in the same op (bn_relu_conv_bn_act), which recomputes the conv output in the
+    backward too (decided when fusing: modules the graph pass rewrote before keep their steps). Patterns it
+    cannot prove safe are left alone; `report=True` returns `(model, FuseReport)`, which says for every
+    BatchNorm layer, in training and in eval, whether it was fused (and, in training, whether it is
+    recomputed) and why not.
     `inplace=False` converts a deep copy; with `inplace=True` the children are replaced in place,
     but a replaced root is a new object: use the returned model.
     """
@@ -46,7 +49,7 @@ def fuse(model: nn.Module, backend: str | None = None, inplace: bool = False,
     if not inplace:
         model = copy.deepcopy(model)
     model = _convert(model, backend, low_memory, _known_classes())
-    what_was_fused = fuse_graphs(model, backend)
+    what_was_fused = fuse_graphs(model, backend, low_memory=bool(low_memory))
     return (model, what_was_fused) if report else model
 
 

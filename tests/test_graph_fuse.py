@@ -12,9 +12,9 @@ from torch import nn
 
 import resnet_fused as rf
 from resnet_fused import family
-from resnet_fused.graph_fuse import GraphFusedAddReLU, GraphFusedStep, GraphRecomputingStep
+from resnet_fused.graph_fuse import GraphFusedAddReLU, GraphFusedStep, GraphRecomputingStep, GraphRecomputingTailStep
 from resnet_fused.graph_fuse import step as graph_step
-from resnet_fused.graph_fuse.report import RECOMPUTED
+from resnet_fused.graph_fuse.report import RECOMPUTED, TAIL_RECOMPUTED
 
 timm = pytest.importorskip("timm")
 
@@ -198,6 +198,103 @@ def test_frozen_bn_in_a_training_graph_runs_the_plain_steps():
         model.train()
         model.bn1.eval()
     assert_same_step(fused, original, torch.randn(2, 3, 16, 16, dtype=torch.float64))
+
+
+TAIL_NOTES = {"bn2": f"fused (bn+relu+conv; {RECOMPUTED}, then bn3; {TAIL_RECOMPUTED})",
+              "bn3": "fused (bn+add+relu; in bn2's step, with its conv)"}
+
+
+def test_low_memory_runs_the_bn_after_the_next_conv_in_the_same_op():
+    """With low_memory, bn2 -> ReLU -> conv2 -> bn3 + residual -> ReLU is one op (bn_relu_conv_bn_act) that keeps
+    neither the ReLU output nor conv2's output; a step (two, for momentum=None) and eval equal the unfused
+    model's in float64; pickling keeps the steps."""
+    backend = fused_backend()
+    torch.manual_seed(0)
+    original = randomize_bn(RecomputingChain()).double()
+    fused, report = rf.fuse(original, backend=backend, low_memory=True, report=True)
+    assert report.notes == {"train": {**CHAIN_NOTES["train"], **TAIL_NOTES}, "eval": CHAIN_NOTES["eval"]}
+    assert report.recomputed() == ["bn0", "bn1", "bn2"]
+    tails = [step for step in steps(fused) if isinstance(step, GraphRecomputingTailStep)]
+    assert [(step.bn, step.then, step.bn2) for step in tails] == [(fused.bn2, fused.conv2, fused.bn3)]
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    assert_same_step(set_mode(fused, "train"), set_mode(original, "train"), x, steps=2)
+    assert_same(fused, original, x, modes=("eval",))
+    default = rf.fuse(original, backend=backend)
+    kept = {name: sum(nbytes for nbytes, _ in saved_storages(lambda: model.train()(x), model.parameters()).values())
+            for name, model in (("default", default), ("low_memory", fused))}
+    conv2_output = 8 * 2 * 8 * 8 * 8  # float64, 2x8x8x8
+    assert abs(kept["default"] - kept["low_memory"] - conv2_output) < 1000, kept
+
+
+@pytest.mark.parametrize("backend, no_grad, mode, frozen, expected", [
+    ("cpu", False, "train", None, 1),
+    ("reference", False, "train", None, 0),  # plain PyTorch
+    ("cpu", True, "train", None, 0),  # nothing is kept for a backward
+    ("cpu", False, "eval", None, 0),
+    ("cpu", False, "train", "bn3", 0),  # a frozen BN after the conv: bn_relu_conv, then bn3 on its own
+    ("cpu", False, "train", "bn2", 0),  # a frozen BN before it: no recomputing op at all
+])
+def test_low_memory_op_only_where_the_blocks_use_it(monkeypatch, backend, no_grad, mode, frozen, expected):
+    if backend == "cpu":
+        fused_backend()
+    calls = []
+    tail_op = graph_step.bn_relu_conv_bn_act
+    monkeypatch.setattr(graph_step, "bn_relu_conv_bn_act", lambda *args, **kwargs: calls.append(1) or tail_op(
+        *args, **kwargs))
+    torch.manual_seed(0)
+    original = randomize_bn(RecomputingChain()).double()
+    fused = rf.fuse(original, backend=backend, low_memory=True)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    for model in (fused, original):
+        set_mode(model, mode)
+        if frozen:
+            model.get_submodule(frozen).eval()
+    with torch.set_grad_enabled(not no_grad):
+        torch.testing.assert_close(fused(x), original(x), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(fused.state_dict(), original.state_dict(), rtol=1e-9, atol=1e-9)
+    assert len(calls) == expected
+
+
+class BroadcastTail(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.conv, self.bn2 = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return F.relu(self.bn2(self.conv(F.relu(self.bn1(x)))) + x.mean((2, 3), keepdim=True))
+
+
+def test_low_memory_tail_with_a_broadcasting_residual_adds_it_outside(monkeypatch):
+    """The graph cannot tell a broadcasting add: the tail step sees it at run time and runs bn_relu_conv, then bn2,
+    then the add outside the op."""
+    backend = fused_backend()
+    monkeypatch.setattr(graph_step, "bn_relu_conv_bn_act", None)  # not called
+    original = randomize_bn(BroadcastTail()).double()
+    fused = rf.fuse(original, backend=backend, low_memory=True)
+    assert len([step for step in steps(fused) if isinstance(step, GraphRecomputingTailStep)]) == 1
+    assert_same_step(set_mode(fused, "train"), set_mode(original, "train"), torch.randn(2, 4, 6, 6, dtype=torch.float64))
+
+
+def test_low_memory_tail_pairs_bns_that_synchronize_alike():
+    """The op runs both BNs with one process group: a SyncBatchNorm and a BatchNorm2d are not paired."""
+    original = RecomputingChain()
+    original.bn3 = nn.SyncBatchNorm(8, process_group=object())
+    _, report = rf.fuse(original, low_memory=True, report=True)
+    assert report.notes["train"]["bn3"] == "fused (bn+add+relu; its conv runs in bn2's step)"
+    group = object()
+    chain = rf.nn.convert_sync_batchnorm(rf.fuse(RecomputingChain(), low_memory=True), process_group=group)
+    assert {step.process_group for step in steps(chain)} == {group}
+
+
+def test_low_memory_pickle_round_trip(tmp_path):
+    backend = fused_backend()
+    original = randomize_bn(RecomputingChain()).double()
+    fused = rf.fuse(original, backend=backend, low_memory=True)
+    torch.save(fused, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert [(n, type(m)) for n, m in loaded.named_modules()] == [(n, type(m)) for n, m in fused.named_modules()]
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    assert_same_step(set_mode(loaded, "train"), set_mode(original, "train"), x)
 
 
 class NextConv(ConvBN):

@@ -4,8 +4,8 @@ they occur in a module's computation, found with torch.fx, one module at a time,
 For each module that is not already fused (a block rf.fuse converts by its class, or a module this pass
 rewrote before) and not one of PyTorch's or timm's layers: trace it shallowly in both modes (trace.py),
 find the patterns (match.py), register one GraphFusedStep per pattern under it (a GraphRecomputingStep for a
-BN -> ReLU -> conv or max pool of the training graph; no parameters of its own, so state_dict keys do not
-change) and make it run the rewritten graphs (trace.install). A module that cannot be traced is left as it
+BN -> ReLU -> conv or max pool of the training graph, a GraphRecomputingTailStep for one that takes the BN after
+that conv too, with low_memory; no parameters of its own, so state_dict keys do not change) and make it run the rewritten graphs (trace.install). A module that cannot be traced is left as it
 is and reported; its children are still visited.
 """
 from collections import Counter
@@ -16,20 +16,22 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..nn.fused import FusedModule
 from .match import find_matches, remove_identities, rewrite
 from .report import FuseReport
-from .step import GraphFusedAddReLU, GraphFusedStep, GraphRecomputingStep, sync_group
+from .step import GraphFusedAddReLU, GraphFusedStep, GraphRecomputingStep, GraphRecomputingTailStep, sync_group
 from .trace import install, is_atomic, is_container, is_graph_fused, is_inlined, trace_both_modes
 
-__all__ = ["FuseReport", "GraphFusedAddReLU", "GraphFusedStep", "GraphRecomputingStep", "fuse_graphs", "sync_group"]
+__all__ = ["FuseReport", "GraphFusedAddReLU", "GraphFusedStep", "GraphRecomputingStep", "GraphRecomputingTailStep",
+           "fuse_graphs", "sync_group"]
 
 _MODE_NAMES = {True: "train", False: "eval"}
 
 
-def fuse_graphs(model: nn.Module, backend: str | None = None) -> FuseReport:
-    """Rewrites `model`'s modules in place (see the module docstring) and says what became of each BN."""
+def fuse_graphs(model: nn.Module, backend: str | None = None, low_memory: bool = False) -> FuseReport:
+    """Rewrites `model`'s modules in place (see the module docstring) and says what became of each BN.
+    `low_memory`: the training graphs' recomputing steps take the BN after their conv too (match.py)."""
     counts = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     shared = {key for key, count in counts.items() if count > 1}
     report, graph_notes = FuseReport(), {mode: {} for mode in _MODE_NAMES.values()}
-    _visit(model, "", backend, shared, report, graph_notes, inlined=False)
+    _visit(model, "", backend, low_memory, shared, report, graph_notes, inlined=False)
     _note_every_norm(model, report, graph_notes)
     return report
 
@@ -38,7 +40,7 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _visit(module, path, backend, shared, report, graph_notes, inlined: bool) -> None:
+def _visit(module, path, backend, low_memory, shared, report, graph_notes, inlined: bool) -> None:
     if isinstance(module, FusedModule) or is_atomic(module):
         return
     traced = inlined
@@ -52,30 +54,32 @@ def _visit(module, path, backend, shared, report, graph_notes, inlined: bool) ->
                                                    f"{str(error).splitlines()[0] if str(error) else ''}"
             notes = {}
         else:
-            notes, traced = _fuse_module(module, graphs, backend, shared), True
+            notes, traced = _fuse_module(module, graphs, backend, low_memory, shared), True
     else:
         notes = {}  # inlined into its parent's graph (noted there), or a container without forward
     for mode, mode_notes in notes.items():
         graph_notes[mode].update({_join(path, target): note for target, note in mode_notes.items()})
     for name, child in list(module.named_children()):
-        _visit(child, _join(path, name), backend, shared, report, graph_notes,
+        _visit(child, _join(path, name), backend, low_memory, shared, report, graph_notes,
                inlined=traced and is_inlined(child))
 
 
 def _new_step(targets: tuple, backend) -> GraphFusedStep:
-    return GraphRecomputingStep(*targets, backend) if len(targets) == 3 else GraphFusedStep(*targets, backend)
+    kind = {2: GraphFusedStep, 3: GraphRecomputingStep, 4: GraphRecomputingTailStep}[len(targets)]
+    return kind(*targets, backend)
 
 
 def _step_name(module: nn.Module, match) -> str:
-    name = "fused_" + match.bn.target + ("_" + match.then.target if match.then else "")
-    return _free_name(module, name.replace(".", "_"))
+    parts = [match.bn] + ([match.then] if match.then else []) + ([match.tail.bn] if match.tail else [])
+    return _free_name(module, "_".join(["fused"] + [node.target for node in parts]).replace(".", "_"))
 
 
-def _fuse_module(module: nn.Module, graphs: dict[bool, fx.Graph], backend, shared) -> dict[str, dict[str, str]]:
+def _fuse_module(module: nn.Module, graphs: dict[bool, fx.Graph], backend, low_memory: bool,
+                 shared) -> dict[str, dict[str, str]]:
     notes, steps, found, add_relu_name = {}, {}, False, None
     for training, graph in sorted(graphs.items()):  # eval first: its steps keep the plain names (fused_bn1)
         remove_identities(module, graph)
-        matches, notes[_MODE_NAMES[training]], add_relus = find_matches(module, graph, shared, training)
+        matches, notes[_MODE_NAMES[training]], add_relus = find_matches(module, graph, shared, training, low_memory)
         if add_relus and add_relu_name is None:  # one stateless module serves every add -> ReLU of the graph
             add_relu_name = _free_name(module, "fused_add_relu")
             module.add_module(add_relu_name, GraphFusedAddReLU(backend))
@@ -105,9 +109,10 @@ def rebuild_graph_fused(cls: type, state: dict) -> nn.Module:
     steps = {tuple(map(id, c._targets)): name for name, c in children.items() if isinstance(c, GraphFusedStep)}
     add_relu_name = next((name for name, c in children.items() if isinstance(c, GraphFusedAddReLU)), None)
     graphs = trace_both_modes(module)
+    low_memory = any(isinstance(c, GraphRecomputingTailStep) for c in children.values())  # as it was fused
     for training, graph in graphs.items():
         remove_identities(module, graph)
-        matches, _, add_relus = find_matches(module, graph, set(), training)
+        matches, _, add_relus = find_matches(module, graph, set(), training, low_memory)
         key = lambda m: tuple(map(id, m.targets(module)))  # noqa: E731
         kept = [m for m in matches if key(m) in steps]  # those fused before (the model's sharing is not known here)
         rewrite(graph, kept, {m.bn: steps[key(m)] for m in kept}, add_relus if add_relu_name else [], add_relu_name)

@@ -8,7 +8,9 @@ call disappears has hooks (they would no longer run). Every BN met gets a note: 
 
 In a training graph, a BN -> ReLU whose only user is a conv (or an nn.MaxPool2d) also takes that next op
 (`Match.then`): its step runs them as one recomputing op (bn_relu_conv, bn_relu_max_pool), and the match of
-the BN after that conv, if any, gives its conv up to it.
+the BN after that conv, if any, gives its conv up to it. With `low_memory`, that match (when it has no next op
+of its own) joins the step as well (`Match.tail`): the step runs BN -> ReLU -> conv -> BN [-> + residual]
+[-> ReLU] as one op (bn_relu_conv_bn_act), which recomputes the conv output in the backward too.
 """
 import operator
 import sys
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..nn.fused import is_fusable_conv, is_fusable_norm
-from .report import RECOMPUTED
+from .report import RECOMPUTED, TAIL_RECOMPUTED
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
@@ -34,6 +36,7 @@ class Match:
     relu: fx.Node | None
     relu_in_bn: bool  # timm's BatchNormAct2d with a ReLU: the ReLU is part of the BN module
     then: fx.Node | None = None  # training graphs: the conv or max pool that the recomputing op runs after the ReLU
+    tail: "Match | None" = None  # low_memory training graphs: the match of the BN after `then` (a conv), run here too
 
     @property
     def residual(self) -> fx.Node | None:
@@ -43,14 +46,17 @@ class Match:
 
     @property
     def last(self) -> fx.Node:
-        return self.then or self.relu or self.add or self.bn
+        return self.tail.last if self.tail else self.then or self.relu or self.add or self.bn
 
     def targets(self, root: nn.Module) -> tuple:
         """The modules the step of this match computes, in the order its step holds them: (conv or None, bn),
-        and the next conv or pool when there is one."""
+        then the next conv or pool when there is one, then the tail's BN when there is one."""
         conv = _module(root, self.conv) if self.conv else None
         bn = _module(root, self.bn)
-        return (conv, bn, _module(root, self.then)) if self.then else (conv, bn)
+        if not self.then:
+            return conv, bn
+        then = _module(root, self.then)
+        return (conv, bn, then, _module(root, self.tail.bn)) if self.tail else (conv, bn, then)
 
     def describe(self) -> str:
         parts = (["conv"] if self.conv else []) + ["bn"] + (["add"] if self.add else [])
@@ -118,9 +124,9 @@ def remove_identities(root: nn.Module, graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def find_matches(root: nn.Module, graph: fx.Graph, shared: set[int], training: bool):
+def find_matches(root: nn.Module, graph: fx.Graph, shared: set[int], training: bool, low_memory: bool = False):
     """(the BN patterns of `graph` (traced from `root` in training or eval mode), a note per BN call by module
-    path, the add -> ReLU pairs no BN pattern took)."""
+    path, the add -> ReLU pairs no BN pattern took). `low_memory`: training graphs take tails (Match.tail)."""
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -155,14 +161,17 @@ def find_matches(root: nn.Module, graph: fx.Graph, shared: set[int], training: b
         notes[node.target] = f"fused ({match.describe()})"
         matches.append(match)
     if training:
-        _take_next_ops(root, matches, notes, calls, shared)
+        afters = _take_next_ops(root, matches, notes, calls, shared)
+        if low_memory:
+            _take_tails(root, matches, notes, afters)
     return matches, notes, _add_relu_matches(root, graph, claimed)
 
 
-def _take_next_ops(root: nn.Module, matches: list[Match], notes: dict[str, str], calls, shared) -> None:
+def _take_next_ops(root: nn.Module, matches: list[Match], notes: dict[str, str], calls, shared) -> dict:
     """Gives each BN -> ReLU match whose ReLU output feeds only a conv or max pool that op (Match.then), and
-    takes that conv from the match of the BN after it."""
+    takes that conv from the match of the BN after it. Returns {match: the match that gave its conv up to it}."""
     by_conv = {match.conv: match for match in matches if match.conv is not None}
+    afters = {}
     for match in matches:
         if match.add is not None or not (match.relu or match.relu_in_bn):
             continue  # the recomputing ops take a BN + ReLU only, no residual
@@ -176,7 +185,27 @@ def _take_next_ops(root: nn.Module, matches: list[Match], notes: dict[str, str],
         after = by_conv.get(then)
         if after is not None:
             after.conv = None
+            afters[id(match)] = after
             notes[after.bn.target] = f"fused ({after.describe()}; its conv runs in {match.bn.target}'s step)"
+    return afters
+
+
+def _take_tails(root: nn.Module, matches: list[Match], notes: dict[str, str], afters: dict) -> None:
+    """Moves each match that gave its conv up to a recomputing match, and has no next op of its own, into that
+    match (Match.tail), where both BNs synchronize alike (the op runs both with one process group)."""
+    for match in list(matches):
+        after = afters.get(id(match))
+        if after is None or after.then is not None:
+            continue
+        first, second = _module(root, match.bn), _module(root, after.bn)
+        if (isinstance(first, nn.SyncBatchNorm), getattr(first, "process_group", None)) != (
+                isinstance(second, nn.SyncBatchNorm), getattr(second, "process_group", None)):
+            continue
+        match.tail = after
+        matches.remove(after)
+        notes[match.bn.target] = notes[match.bn.target].replace(RECOMPUTED, f"{RECOMPUTED}, then {after.bn.target}; "
+                                                                             f"{TAIL_RECOMPUTED}")
+        notes[after.bn.target] = f"fused ({after.describe()}; in {match.bn.target}'s step, with its conv)"
 
 
 def _runs_in_recomputing_op(root: nn.Module, node: fx.Node, calls, shared) -> bool:
@@ -226,7 +255,8 @@ def _why_no_conv(root, node, calls, shared) -> str | None:
 
 def rewrite(graph: fx.Graph, matches: list[Match], step_names: dict[fx.Node, str], add_relus, add_relu_name) -> None:
     """Each match becomes one call_module of its step, step(x, residual, relu), or step(x) for a match with a
-    next op; each add -> ReLU pair one call of the module named add_relu_name."""
+    next op (step(x, residual, relu) of the tail's add and ReLU with a tail); each add -> ReLU pair one call of
+    the module named add_relu_name."""
     for add, relu in add_relus:
         with graph.inserting_before(relu):
             fused = graph.call_module(add_relu_name, add.args)
@@ -234,12 +264,16 @@ def rewrite(graph: fx.Graph, matches: list[Match], step_names: dict[fx.Node, str
         graph.erase_node(relu)
         graph.erase_node(add)
     for match in matches:
-        source = match.conv or match.bn
-        args = (source.args[0],) if match.then else (source.args[0], match.residual,
-                                                       match.relu is not None or match.relu_in_bn)
+        source, tail = match.conv or match.bn, match.tail
+        if tail is not None:
+            args = (source.args[0], tail.residual, tail.relu is not None or tail.relu_in_bn)
+        else:
+            args = (source.args[0],) if match.then else (source.args[0], match.residual,
+                                                           match.relu is not None or match.relu_in_bn)
         with graph.inserting_before(match.last):
             fused = graph.call_module(step_names[match.bn], args)
         match.last.replace_all_uses_with(fused)
-        for node in (match.then, match.relu, match.add, match.bn, match.conv):
+        tail_nodes = (tail.relu, tail.add, tail.bn) if tail is not None else ()
+        for node in (*tail_nodes, match.then, match.relu, match.add, match.bn, match.conv):
             if node is not None:
                 graph.erase_node(node)

@@ -6,6 +6,8 @@ MODES = ("train", "eval")
 # backward instead of the ReLU output (resnet_fused/ops/recomputed_bn_relu.py), when the step runs eagerly with
 # autograd on a fused backend; otherwise the step runs the same ops one after the other.
 RECOMPUTED = "BN + ReLU recomputed in the backward"
+# With low_memory, the BN after the next conv runs in the same op, which recomputes that conv's output as well.
+TAIL_RECOMPUTED = "the conv output recomputed too"
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The fused modules that replace one conv -> BN [-> + residual] [-> ReLU] (or BN [-> + residual] -> ReLU)
 pattern found in a module's graph, one [conv ->] BN -> ReLU -> conv or max pool of a training graph (run as
-one recomputing op), and one add -> ReLU of two values no BN step could take (the tail of an SE/ECA block:
-conv3 -> BN3 -> gate, then + shortcut -> ReLU).
+one recomputing op; with low_memory, also the BN [-> + residual] [-> ReLU] after that conv), and one add -> ReLU
+of two values no BN step could take (the tail of an SE/ECA block: conv3 -> BN3 -> gate, then + shortcut ->
+ReLU).
 
 A step holds references to the model's own conv and BN modules (and the next conv or pool) without
 registering them (they stay where they are, under their own names), so parameters, buffers and state_dict
@@ -14,16 +15,16 @@ from torch.nn.modules.utils import _pair
 
 from ..ops import add_act, bn_act
 from ..ops.conv_bn_act import conv_output_shape
-from ..ops.recomputed_bn_relu import bn_relu_conv, bn_relu_max_pool
+from ..ops.recomputed_bn_relu import bn_relu_conv, bn_relu_conv_bn_act, bn_relu_max_pool
 from ..nn.fused import FusedModule, _cast, _conv_args, _trains, compute_dtype
 
 
-def _conv_output_shape(x: torch.Tensor, conv: nn.Conv2d) -> tuple:
-    """conv_output_shape for a module's conv, string paddings included ('same' keeps x's size)."""
+def _conv_output_shape(x_shape, conv: nn.Conv2d) -> tuple:
+    """conv_output_shape for a module's conv, string paddings included ('same' keeps the input's size)."""
     if conv.padding == "same":
-        return (x.shape[0], conv.out_channels, *x.shape[2:])
+        return (x_shape[0], conv.out_channels, *x_shape[2:])
     padding = (0, 0) if conv.padding == "valid" else conv.padding
-    return tuple(conv_output_shape(x, conv.weight, conv.stride, padding, conv.dilation))
+    return tuple(conv_output_shape(x_shape, conv.weight.shape, conv.stride, padding, conv.dilation))
 
 
 def sync_group(norms):
@@ -61,13 +62,18 @@ class GraphFusedStep(FusedModule):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
         conv, bn = self._targets[:2]
-        if residual is not None:
-            shape = tuple(x.shape) if conv is None else _conv_output_shape(x, conv)
-            if tuple(residual.shape) != shape:
-                y = self.forward(x, None, relu=False) + residual
-                return torch.relu(y) if relu else y
-        if conv is not None:
-            return self._conv_bn("conv", x, conv, bn, residual, relu)
+        if conv is None:
+            return self._norm(x, bn, residual, relu)
+        if residual is not None and tuple(residual.shape) != _conv_output_shape(x.shape, conv):
+            y = self._conv_bn("conv", x, conv, bn, None, relu=False) + residual
+            return torch.relu(y) if relu else y
+        return self._conv_bn("conv", x, conv, bn, residual, relu)
+
+    def _norm(self, x: torch.Tensor, bn: nn.Module, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+        """act(bn(x) + residual), with bn in the state it is in; a residual of another shape added outside the op."""
+        if residual is not None and residual.shape != x.shape:
+            y = self._norm(x, bn, None, relu=False) + residual
+            return torch.relu(y) if relu else y
         if _trains(bn):
             return self._batch_norm(x, bn, _cast(residual, compute_dtype(x)), relu)
         return bn_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual, training=False,
@@ -96,7 +102,7 @@ class GraphRecomputingStep(GraphFusedStep):
         return self._targets[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv, bn, then = self._targets
+        conv, bn, then = self._targets[:3]
         is_conv = isinstance(then, nn.Conv2d)
         # A BN on x itself runs in x's dtype; autocast would run the next conv in another one: not one op.
         if (self._recomputes(x, [bn], [then] if is_conv else []) and (is_conv or not then.return_indices)
@@ -114,6 +120,48 @@ class GraphRecomputingStep(GraphFusedStep):
     def extra_repr(self) -> str:
         kind = ("bn" if self.conv is None else "conv, bn") + ", relu, " + type(self.then).__name__
         return ", ".join(p for p in (kind, FusedModule.extra_repr(self)) if p)
+
+
+class GraphRecomputingTailStep(GraphRecomputingStep):
+    """act(bn2(then(relu(bn(conv(x))))) + residual) for a [conv ->] BN -> ReLU -> conv -> BN2 [-> + residual]
+    [-> ReLU] of a training graph fused with low_memory (conv may be None; `then` a conv with no bias and numeric
+    padding).
+
+    Where the blocks' low_memory tail would run (GraphRecomputingStep's conditions, both BNs in training mode, a
+    residual of the output's shape), the conv runs alone and the rest as one bn_relu_conv_bn_act op, which keeps
+    the BN input and the output for the backward, neither the ReLU output nor `then`'s output (it recomputes
+    both). Otherwise GraphRecomputingStep runs the first part and BN2 runs as GraphFusedStep runs a BN."""
+
+    def __init__(self, conv: nn.Conv2d | None, bn: nn.Module, then: nn.Conv2d, bn2: nn.Module,
+                 backend: str | None = None):
+        super().__init__(conv, bn, then, backend)
+        self._targets = (conv, bn, then, bn2)
+        self.process_group = sync_group([bn, bn2])  # the matcher pairs BNs that synchronize alike
+
+    @property
+    def bn2(self) -> nn.Module:
+        return self._targets[3]
+
+    def _fused_norms(self):
+        return [self.bn, self.bn2]
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
+        conv, bn, then, bn2 = self._targets
+        y_shape = x.shape if conv is None else _conv_output_shape(x.shape, conv)
+        fits = residual is None or tuple(residual.shape) == _conv_output_shape(y_shape, then)
+        if (fits and self._recomputes(x, [bn, bn2], [then]) and bn.training == bn2.training
+                and (conv is not None or x.dtype == compute_dtype(x))):
+            y = x if conv is None else self._conv(x, conv)
+            inner = self._training_bn_args(bn)
+            momentum, running_mean, running_var = self._bn_bookkeeping(bn2)
+            return bn_relu_conv_bn_act(y, **inner, conv_weight=_cast(then.weight, y.dtype), bn2_weight=bn2.weight,
+                                       bn2_bias=bn2.bias, bn2_running_mean=running_mean, bn2_running_var=running_var,
+                                       residual=_cast(residual, y.dtype), momentum2=momentum, eps2=bn2.eps, relu=relu,
+                                       **_conv_args(then))
+        return self._norm(super().forward(x), bn2, residual, relu)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr().replace(type(self.then).__name__, f"{type(self.then).__name__}, bn2", 1)
 
 
 class GraphFusedAddReLU(FusedModule):

@@ -100,7 +100,8 @@ def _onednn_runs(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     at least _ONEDNN_MIN_OUTPUT values, numeric padding."""
     if isinstance(conv.padding, str) or x.device.type != "cpu" or x.shape[0] == 0:
         return False
-    return (math.prod(conv_output_shape(x, conv.weight, conv.stride, conv.padding, conv.dilation)) >= _ONEDNN_MIN_OUTPUT
+    output_shape = conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
+    return (math.prod(output_shape) >= _ONEDNN_MIN_OUTPUT
             and output_memory_format(x) == torch.channels_last
             and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)

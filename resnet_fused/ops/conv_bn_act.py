@@ -34,11 +34,12 @@ def pad_extra(x, extra):
     return F.pad(x, extra).contiguous(memory_format=output_memory_format(x))
 
 
-def conv_output_shape(x, weight, stride, padding, dilation) -> tuple[int, int, int, int]:
-    (kh, kw), (h, w) = weight.shape[2:], x.shape[2:]
+def conv_output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, int, int, int]:
+    """The output shape of conv2d of an input of shape x_shape with a weight of shape weight_shape."""
+    (kh, kw), (h, w) = weight_shape[2:], x_shape[2:]
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return x.shape[0], weight.shape[0], ho, wo
+    return x_shape[0], weight_shape[0], ho, wo
 
 
 def conv_bn_act(x, weight, bias=None, residual=None, *, stride=1, padding=0, dilation=1, groups=1, relu=True,
@@ -87,8 +88,8 @@ def conv_bn_act_into_residual(x, weight, bias, residual, *, stride=1, padding=0,
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
         raise RuntimeError("conv_bn_act_into_residual has no gradient: call it under torch.no_grad() or with "
                            "tensors that do not require grad")
-    torch.ops.resnet_fused.conv_bn_act_into_residual(dense(x), weight, bias, residual, list(stride), list(padding),
-                                                     list(dilation), groups, relu)
+    torch.ops.resnet_fused.conv_bn_act_into_residual.default(dense(x), weight, bias, residual, list(stride),
+                                                             list(padding), list(dilation), groups, relu)
     return residual
 
 
@@ -136,7 +137,7 @@ def check_conv_geometry(x, weight, stride, padding, dilation, groups):
     if c_out % groups:
         raise ValueError(f"weight has {c_out} output channels, not divisible by groups={groups}")
     padding, extra = _resolve_padding(padding, weight, stride, dilation)
-    batch, _, height, width = conv_output_shape(x, weight, stride, padding, dilation)
+    batch, _, height, width = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
     if extra is not None:  # 'same' runs at stride 1: each row or column padded onto x is one more of the output
         height, width = height + extra[3], width + extra[1]
     if height < 1 or width < 1:
@@ -148,7 +149,7 @@ def check_conv_geometry(x, weight, stride, padding, dilation, groups):
 
 
 def _fake(x, weight, bias, residual, stride, padding, dilation, groups, relu):
-    return empty_output(x, conv_output_shape(x, weight, stride, padding, dilation))
+    return empty_output(x, conv_output_shape(x.shape, weight.shape, stride, padding, dilation))
 
 
 def _setup_context(ctx, inputs, output):

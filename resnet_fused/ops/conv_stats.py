@@ -63,7 +63,7 @@ def conv_stats(x, weight, scale=None, shift=None, *, relu=True, stride=1, paddin
 
 def _fake(x, weight, scale, shift, stride, padding, dilation, groups, relu):
     c_out, dtype = weight.shape[0], stats_dtype(x.dtype)
-    return (empty_output(x, conv_output_shape(x, weight, stride, padding, dilation)),
+    return (empty_output(x, conv_output_shape(x.shape, weight.shape, stride, padding, dilation)),
             x.new_empty((c_out,), dtype=dtype), x.new_empty((c_out,), dtype=dtype))
 
 

@@ -34,7 +34,7 @@ if TRITON_INSTALLED:
     def conv_bn_act_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                            stride: list[int], padding: list[int], dilation: list[int], groups: int,
                            relu: bool) -> Tensor:
-        out = empty_output(x, conv_output_shape(x, weight, stride, padding, dilation))
+        out = empty_output(x, conv_output_shape(x.shape, weight.shape, stride, padding, dilation))
         return conv_kernels.conv_bn_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, out)
 
     register_conv_bn_act_formulas("resnet_fused::conv_bn_act_triton")
@@ -43,7 +43,7 @@ if TRITON_INSTALLED:
     def conv_stats_triton(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                           stride: list[int], padding: list[int], dilation: list[int], groups: int,
                           relu: bool) -> tuple[Tensor, Tensor, Tensor]:
-        out = empty_output(x, conv_output_shape(x, weight, stride, padding, dilation))
+        out = empty_output(x, conv_output_shape(x.shape, weight.shape, stride, padding, dilation))
         return conv_stats_kernels.conv_stats(x, weight, scale, shift, stride, padding, dilation, groups, relu, out)
 
     register_conv_stats_formulas("resnet_fused::conv_stats_triton")
