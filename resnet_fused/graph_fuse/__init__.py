@@ -5,8 +5,9 @@ For each module that is not already fused (a block rf.fuse converts by its class
 rewrote before) and not one of PyTorch's or timm's layers: trace it shallowly in both modes (trace.py),
 find the patterns (match.py), register one GraphFusedStep per pattern under it (a GraphRecomputingStep for a
 BN -> ReLU -> conv or max pool of the training graph, a GraphRecomputingTailStep for one that takes the BN after
-that conv too, with low_memory; no parameters of its own, so state_dict keys do not change) and make it run the rewritten graphs (trace.install). A module that cannot be traced is left as it
-is and reported; its children are still visited.
+that conv too, with low_memory; no parameters of its own, so state_dict keys do not change) and make it run the
+rewritten graphs (trace.install). A module that cannot be traced is left as it is and reported; its children are
+still visited.
 """
 from collections import Counter
 

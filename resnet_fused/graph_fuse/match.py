@@ -169,7 +169,7 @@ def find_matches(root: nn.Module, graph: fx.Graph, shared: set[int], training: b
 
 def _take_next_ops(root: nn.Module, matches: list[Match], notes: dict[str, str], calls, shared) -> dict:
     """Gives each BN -> ReLU match whose ReLU output feeds only a conv or max pool that op (Match.then), and
-    takes that conv from the match of the BN after it. Returns {match: the match that gave its conv up to it}."""
+    takes that conv from the match of the BN after it. Returns {id(match): the match that gave its conv up to it}."""
     by_conv = {match.conv: match for match in matches if match.conv is not None}
     afters = {}
     for match in matches:

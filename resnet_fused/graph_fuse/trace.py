@@ -29,9 +29,10 @@ class ShallowTracer(fx.Tracer):
 
 def is_inlined(module: nn.Module) -> bool:
     """Whether a traced parent inlines this submodule's call: an nn.Sequential whose forward is nn.Sequential's
-    (its children called in order, nothing else), without forward hooks, which would not run once inlined."""
+    (its children called in order, nothing else), without hooks of its own, which would not run once inlined."""
     return (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
-            and not module._forward_hooks and not module._forward_pre_hooks)
+            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                     or module._backward_pre_hooks))
 
 
 def is_container(module: nn.Module) -> bool:
