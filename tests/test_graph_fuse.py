@@ -514,6 +514,19 @@ def test_compile_fullgraph(mode):
     torch.testing.assert_close(fused.state_dict(), original.state_dict(), rtol=1e-4, atol=1e-4)
 
 
+def test_compile_fullgraph_with_low_memory_steps():
+    """Under torch.compile a tail step runs its plain steps (the compiler makes its own recompute choices)."""
+    original = RecomputingChain()
+    original.bn1.momentum = 0.1  # momentum=None reads num_batches_tracked on the host: a graph break (README)
+    original = randomize_bn(original).train()
+    fused = rf.fuse(original, low_memory=True)
+    assert any(isinstance(step, GraphRecomputingTailStep) for step in steps(fused))
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(compiled(x), original(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.state_dict(), original.state_dict(), rtol=1e-4, atol=1e-4)
+
+
 def test_pickle_round_trip(tmp_path):
     original = randomize_bn(family.build("timm/resnetv2_50", num_classes=10)).double()
     fused = rf.fuse(original, backend="reference")
