@@ -43,7 +43,8 @@ def test_family_float64_step_and_coverage(name):
 
 # The bytes a training step keeps for the backward (parameters excluded; cpu backend, float32, X_SHAPE), fused
 # against unfused. Measured: 0.62 (resnetv2_50), 0.83 (seresnet50), 0.81 (ecaresnet50d), 0.77 (resnet50d: its deep
-# stem and pool), 0.94 (skresnet18; 0.87 at 33f77eb); 0.99, 0.99, 0.99, 0.85 and 1.07 while the graph pass ran conv + bn_act only.
+# stem and pool), 0.94 (skresnet18; 0.87 at 33f77eb); 0.99, 0.99, 0.99, 0.85 and 1.07 while the graph pass ran
+# conv + bn_act only.
 # torchvision's regnet_y_400mf: 0.795, and 0.981 while Conv2dNormActivation containers were traced apart (their
 # BN -> ReLU and the next conv in two graphs).
 KEPT_BOUNDS = {"timm/resnetv2_50": 0.7, "timm/seresnet50": 0.9, "timm/ecaresnet50d": 0.9, "timm/resnet50d": 0.8,
