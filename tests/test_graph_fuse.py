@@ -14,6 +14,7 @@ import resnet_fused as rf
 from resnet_fused import family
 from resnet_fused.graph_fuse import GraphFusedAddReLU, GraphFusedStep, GraphRecomputingStep, GraphRecomputingTailStep
 from resnet_fused.graph_fuse import step as graph_step
+from resnet_fused.nn import fused as fused_modules
 from resnet_fused.graph_fuse.report import RECOMPUTED, TAIL_RECOMPUTED
 
 timm = pytest.importorskip("timm")
@@ -238,8 +239,8 @@ def test_low_memory_op_only_where_the_blocks_use_it(monkeypatch, backend, no_gra
     if backend == "cpu":
         fused_backend()
     calls = []
-    tail_op = graph_step.bn_relu_conv_bn_act
-    monkeypatch.setattr(graph_step, "bn_relu_conv_bn_act", lambda *args, **kwargs: calls.append(1) or tail_op(
+    tail_op = fused_modules.bn_relu_conv_bn_act  # called by FusedModule._recomputed_tail
+    monkeypatch.setattr(fused_modules, "bn_relu_conv_bn_act", lambda *args, **kwargs: calls.append(1) or tail_op(
         *args, **kwargs))
     torch.manual_seed(0)
     original = randomize_bn(RecomputingChain()).double()
@@ -268,7 +269,7 @@ def test_low_memory_tail_with_a_broadcasting_residual_adds_it_outside(monkeypatc
     """The graph cannot tell a broadcasting add: the tail step sees it at run time and runs bn_relu_conv, then bn2,
     then the add outside the op."""
     backend = fused_backend()
-    monkeypatch.setattr(graph_step, "bn_relu_conv_bn_act", None)  # not called
+    monkeypatch.setattr(fused_modules, "bn_relu_conv_bn_act", None)  # not called
     original = randomize_bn(BroadcastTail()).double()
     fused = rf.fuse(original, backend=backend, low_memory=True)
     assert len([step for step in steps(fused) if isinstance(step, GraphRecomputingTailStep)]) == 1

@@ -15,7 +15,7 @@ from torch.nn.modules.utils import _pair
 
 from ..ops import add_act, bn_act
 from ..ops.conv_bn_act import conv_output_shape
-from ..ops.recomputed_bn_relu import bn_relu_conv, bn_relu_conv_bn_act, bn_relu_max_pool
+from ..ops.recomputed_bn_relu import bn_relu_conv, bn_relu_max_pool
 from ..nn.fused import FusedModule, _cast, _conv_args, _trains, compute_dtype
 
 
@@ -152,12 +152,7 @@ class GraphRecomputingTailStep(GraphRecomputingStep):
         if (fits and self._recomputes(x, [bn, bn2], [then]) and bn.training == bn2.training
                 and (conv is not None or x.dtype == compute_dtype(x))):
             y = x if conv is None else self._conv(x, conv)
-            inner = self._training_bn_args(bn)
-            momentum, running_mean, running_var = self._bn_bookkeeping(bn2)
-            return bn_relu_conv_bn_act(y, **inner, conv_weight=_cast(then.weight, y.dtype), bn2_weight=bn2.weight,
-                                       bn2_bias=bn2.bias, bn2_running_mean=running_mean, bn2_running_var=running_var,
-                                       residual=_cast(residual, y.dtype), momentum2=momentum, eps2=bn2.eps, relu=relu,
-                                       **_conv_args(then))
+            return self._recomputed_tail(y, bn, then, bn2, residual, relu)
         return self._norm(super().forward(x), bn2, residual, relu)
 
     def extra_repr(self) -> str:

@@ -216,12 +216,17 @@ class FusedModule(nn.Module):
                              **_conv_args(conv))
         if not tail:
             return self._batch_norm(y, norms[-1], _cast(residual, y.dtype), relu=True)
-        inner = self._training_bn_args(norms[-2])
-        last, conv = norms[-1], next_convs[-1]
-        momentum, running_mean, running_var = self._bn_bookkeeping(last)
-        return bn_relu_conv_bn_act(y, **inner, conv_weight=_cast(conv.weight, y.dtype), bn2_weight=last.weight,
-                                   bn2_bias=last.bias, bn2_running_mean=running_mean, bn2_running_var=running_var,
-                                   residual=_cast(residual, y.dtype), momentum2=momentum, eps2=last.eps,
+        return self._recomputed_tail(y, norms[-2], next_convs[-1], norms[-1], residual, relu=True)
+
+    def _recomputed_tail(self, y: torch.Tensor, bn: _BatchNorm, conv: nn.Conv2d, bn2: _BatchNorm,
+                         residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+        """act(bn2(conv(relu(bn(y)))) + residual) in training as one bn_relu_conv_bn_act op (recomputing the ReLU
+        output and the conv output in the backward), after both BNs' bookkeeping, bn's first."""
+        inner = self._training_bn_args(bn)
+        momentum, running_mean, running_var = self._bn_bookkeeping(bn2)
+        return bn_relu_conv_bn_act(y, **inner, conv_weight=_cast(conv.weight, y.dtype), bn2_weight=bn2.weight,
+                                   bn2_bias=bn2.bias, bn2_running_mean=running_mean, bn2_running_var=running_var,
+                                   residual=_cast(residual, y.dtype), momentum2=momentum, eps2=bn2.eps, relu=relu,
                                    **_conv_args(conv))
 
     def _conv_stats_backend(self, x: torch.Tensor, convs, norms) -> str | None:
