@@ -10,6 +10,7 @@ from samples import assert_parity, backends_for, to_float64
 from torch import nn
 
 import resnet_fused as rf
+from resnet_fused.ops import recomputed_bn_relu
 from resnet_fused.ops.recomputed_bn_relu import ConvNext, MaxPoolNext, bn_relu_conv_bn_act, bn_relu_then
 
 TV = torchvision.models.resnet
@@ -137,7 +138,7 @@ def tail_unfused(case):
     return run
 
 
-def tail_fused(case, backend):
+def tail_fused(case, backend, recompute=True):
     _, (_, _, stride, padding), _, relu = case
 
     def run(x, weight, bias, running_mean, running_var, conv_weight, weight2, bias2, running_mean2, running_var2,
@@ -145,7 +146,7 @@ def tail_fused(case, backend):
         return bn_relu_conv_bn_act(x, weight, bias, running_mean, running_var, conv_weight, weight2, bias2,
                                    running_mean2, running_var2, residual, momentum=0.1, eps=1e-5, momentum2=0.2,
                                    eps2=1e-3, stride=(stride, stride), padding=(padding, padding), dilation=(1, 1),
-                                   groups=1, relu=relu, backend=backend)
+                                   groups=1, relu=relu, recompute=recompute, backend=backend)
     return run
 
 
@@ -153,17 +154,20 @@ TAIL_NAMES = ["x", "bn weight", "bn bias", "running_mean", "running_var", "conv 
               "bn2 running_mean", "bn2 running_var", "residual"]
 
 
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "keep"])
 @pytest.mark.parametrize("case", TAIL_CASES, ids=str)
-def test_tail_parity_with_the_unfused_ops(case, fused_backend, memory_format):
-    """bn_relu_conv_bn_act (low_memory's op): output, every gradient, both BNs' running statistics."""
+def test_tail_parity_with_the_unfused_ops(case, recompute, fused_backend, memory_format):
+    """bn_relu_conv_bn_act (a block's last steps; recomputing the conv output with low_memory): output, every
+    gradient, both BNs' running statistics."""
     inputs = tail_sample(case, torch.float32, memory_format)
-    out = assert_matches_unfused(tail_fused(case, fused_backend), tail_unfused(case), inputs, TAIL_NAMES)
+    out = assert_matches_unfused(tail_fused(case, fused_backend, recompute), tail_unfused(case), inputs, TAIL_NAMES)
     assert out.is_contiguous(memory_format=memory_format)
 
 
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "keep"])
 @pytest.mark.parametrize("trainable", [["x"], ["bn weight", "bn bias"], ["conv weight"], ["bn2 weight", "bn2 bias"],
                                        ["residual"]], ids=str)
-def test_tail_gradients_of_some_inputs_only(trainable):
+def test_tail_gradients_of_some_inputs_only(trainable, recompute):
     """Frozen parameters, or an input without a gradient: the gradients asked for are still right."""
     if "cpu" not in backends_for("bn_act", "cpu"):
         pytest.skip("the cpu backend is not available here")
@@ -171,7 +175,29 @@ def test_tail_gradients_of_some_inputs_only(trainable):
     inputs = tail_sample(case, torch.float32, torch.contiguous_format)
     for name, t in zip(TAIL_NAMES, inputs):
         t.requires_grad_(name in trainable)
-    assert_matches_unfused(tail_fused(case, "cpu"), tail_unfused(case), inputs, TAIL_NAMES)
+    assert_matches_unfused(tail_fused(case, "cpu", recompute), tail_unfused(case), inputs, TAIL_NAMES)
+
+
+def test_tail_keeps_the_conv_output_unless_it_recomputes_it(monkeypatch):
+    """Without recompute the op keeps the conv output (one activation of the output's size more than with it) and
+    its backward runs no convolution forward; with recompute the backward runs the conv again."""
+    if "cpu" not in backends_for("bn_act", "cpu"):
+        pytest.skip("the cpu backend is not available here")
+    case = TAIL_CASES[0]  # with a residual, which has the conv output's shape
+    kept, backward_convs = {}, {}
+    for recompute in (True, False):
+        inputs = tail_sample(case, torch.float32, torch.channels_last)
+        parameters = [inputs[i] for i in (1, 2, 5, 6, 7)]
+        kept[recompute] = saved_bytes(lambda: tail_fused(case, "cpu", recompute)(*inputs), parameters)
+        out = tail_fused(case, "cpu", recompute)(*inputs)
+        convs, plain_conv = [], recomputed_bn_relu.plain_conv
+        monkeypatch.setattr(recomputed_bn_relu, "plain_conv", lambda *a, **k: convs.append(1) or plain_conv(*a, **k))
+        out.sum().backward()
+        monkeypatch.undo()
+        backward_convs[recompute] = len(convs)
+    output_bytes = inputs[-1].numel() * inputs[-1].element_size()
+    assert backward_convs == {True: 1, False: 0}
+    assert abs((kept[False] - kept[True]) - output_bytes) < 500, (kept, output_bytes)
 
 
 def test_without_affine_parameters_or_running_statistics(fused_backend):
@@ -370,6 +396,28 @@ def test_resnet50_training_keeps_less_than_torchvision(low_memory, bound):
     ratio = (saved_bytes(lambda: model(x), model.parameters())
              / saved_bytes(lambda: eager(x), eager.parameters()))
     assert ratio <= bound, ratio
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_training_block_runs_its_last_steps_as_one_op(kind, low_memory, monkeypatch):
+    """In training, a block's last BN + ReLU, conv and BN (+ shortcut, ReLU) are one bn_relu_conv_bn_act call (one
+    autograd node, not bn_relu_conv and then bn_act), keeping the conv output unless low_memory; no BN of the
+    block runs on its own."""
+    if "cpu" not in backends_for("bn_act", "cpu"):
+        pytest.skip("the cpu backend is not available here")
+    from resnet_fused.nn import fused as fused_modules
+    tails, alone = [], []
+    tail_op, bn_act = fused_modules.bn_relu_conv_bn_act, fused_modules.bn_act
+    monkeypatch.setattr(fused_modules, "bn_relu_conv_bn_act",
+                        lambda *a, **k: tails.append(k["recompute"]) or tail_op(*a, **k))
+    monkeypatch.setattr(fused_modules, "bn_act", lambda *a, **k: alone.append(1) or bn_act(*a, **k))
+    block = (rf.nn.BasicBlock(8, 8, backend="cpu") if kind == "basic"
+             else rf.nn.Bottleneck(32, 8, backend="cpu", low_memory=low_memory))
+    if kind == "basic" and low_memory:
+        pytest.skip("low_memory is a Bottleneck's option")
+    block(torch.randn(2, block.conv1.in_channels, 6, 6, requires_grad=True)).sum().backward()
+    assert tails == [low_memory] and not alone
 
 
 def test_block_without_autograd_and_in_eval_skips_the_recompute(monkeypatch):

@@ -21,8 +21,9 @@ then `bn_act(training=True)`, which adds the residual, applies ReLU and updates 
 as nn.BatchNorm2d does (num_batches_tracked, momentum=None as a cumulative average). Inside a block, a
 BN + ReLU that feeds the next conv runs in that conv's op instead (`bn_relu_conv`), which saves the BN
 input rather than the ReLU output for the backward (one activation less per inner step); the ResNet stem's
-BN + ReLU runs in its max pool's op (`bn_relu_max_pool`) the same way. A Bottleneck with `low_memory` also
-runs its last conv and BN in that op (`bn_relu_conv_bn_act`), which recomputes the conv output instead.
+BN + ReLU runs in its max pool's op (`bn_relu_max_pool`) the same way. A block's last BN + ReLU, conv and BN
+run as one such op (`bn_relu_conv_bn_act`: one autograd node instead of two), which with `low_memory` (a
+Bottleneck's) recomputes the conv output instead of keeping it.
 
 training on a backend in CONV_STATS_BACKENDS (`_conv_stats_block`): every conv of a block runs as
 `conv_stats`, which returns its output's batch statistics; each BN's running statistics are updated from
@@ -198,9 +199,9 @@ class FusedModule(nn.Module):
         """A block's main path: relu(bn(conv(x))) through `steps`, [(key, conv, bn), ...], the last step adding
         `residual` before its ReLU (into `residual` itself in inference, when the caller `owns_residual`). In
         training, each BN + ReLU that feeds another conv runs inside that conv's op (bn_relu_conv), which keeps
-        the BN input rather than the ReLU output for the backward; with
-        `low_memory`, the last conv and BN run in the op of the BN + ReLU before them as well
-        (bn_relu_conv_bn_act), which recomputes the last conv's output in the backward instead of keeping it."""
+        the BN input rather than the ReLU output for the backward; the last conv and BN run in the op of the BN +
+        ReLU before them as well (bn_relu_conv_bn_act), which with `low_memory` recomputes the last conv's output
+        in the backward instead of keeping it."""
         norms, next_convs = [bn for _, _, bn in steps], [conv for _, conv, _ in steps[1:]]
         if len(steps) < 2 or not self._recomputes(x, norms, next_convs):
             for key, conv, bn in steps[:-1]:
@@ -208,26 +209,30 @@ class FusedModule(nn.Module):
             key, conv, bn = steps[-1]
             return self._conv_bn(key, x, conv, bn, residual, owns_residual=owns_residual)
         y = self._conv(x, steps[0][1])  # a conv output whose BN + ReLU is still to run
-        # One synchronization group per op: the tail op holds two BNs, which must agree on it.
-        tail = low_memory and norms[-2].training == norms[-1].training
+        # The last BN + ReLU, conv and BN run as one op (one autograd node less: each costs tens of microseconds of
+        # Python, several times that once a convolution has swept the caches; README, "The training step"), which
+        # with low_memory also recomputes the conv output. One synchronization group per op: its two BNs must
+        # agree on it.
+        tail = norms[-2].training == norms[-1].training
         pairs = list(zip(norms, next_convs))
         for bn, conv in pairs[:-1] if tail else pairs:
             y = bn_relu_conv(y, **self._training_bn_args(bn), conv_weight=_cast(conv.weight, y.dtype),
                              **_conv_args(conv))
         if not tail:
             return self._batch_norm(y, norms[-1], _cast(residual, y.dtype), relu=True)
-        return self._recomputed_tail(y, norms[-2], next_convs[-1], norms[-1], residual, relu=True)
+        return self._recomputed_tail(y, norms[-2], next_convs[-1], norms[-1], residual, relu=True,
+                                     recompute=low_memory)
 
     def _recomputed_tail(self, y: torch.Tensor, bn: _BatchNorm, conv: nn.Conv2d, bn2: _BatchNorm,
-                         residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+                         residual: torch.Tensor | None, relu: bool, recompute: bool = True) -> torch.Tensor:
         """act(bn2(conv(relu(bn(y)))) + residual) in training as one bn_relu_conv_bn_act op (recomputing the ReLU
-        output and the conv output in the backward), after both BNs' bookkeeping, bn's first."""
+        output, and with `recompute` the conv output, in the backward), after both BNs' bookkeeping, bn's first."""
         inner = self._training_bn_args(bn)
         momentum, running_mean, running_var = self._bn_bookkeeping(bn2)
         return bn_relu_conv_bn_act(y, **inner, conv_weight=_cast(conv.weight, y.dtype), bn2_weight=bn2.weight,
                                    bn2_bias=bn2.bias, bn2_running_mean=running_mean, bn2_running_var=running_var,
                                    residual=_cast(residual, y.dtype), momentum2=momentum, eps2=bn2.eps, relu=relu,
-                                   **_conv_args(conv))
+                                   recompute=recompute, **_conv_args(conv))
 
     def _conv_stats_backend(self, x: torch.Tensor, convs, norms) -> str | None:
         """The backend a block trains on with conv_stats, or None for the other paths: every BN in `norms`

@@ -13,10 +13,10 @@ the indices are four times the pool output's size). The blocks and the stem use 
 (resnet_fused/nn/fused.py, models/resnet.py); under torch.compile they do not, since the compiler's
 partitioner makes its own recompute choices.
 
-With `low_memory`, a Bottleneck's last step goes one further: conv3 and BN3 (+ shortcut, ReLU) run in the op
-of BN2 + ReLU (`ConvBNActNext`), which keeps BN2's input and the block output only and recomputes conv3's
-output in the backward: one more activation (4x the inner width) less per Bottleneck, for one more 1x1 conv
-(about 8% of a Bottleneck's training FLOPs).
+A block's last conv and BN (+ shortcut, ReLU) run in the op of the BN + ReLU before them (`ConvBNActNext`):
+one autograd node for what would be two. With `low_memory` (a Bottleneck's) it goes one further: it keeps
+BN2's input and the block output only and recomputes conv3's output in the backward: one more activation (4x
+the inner width) less per Bottleneck, for one more 1x1 conv (about 8% of a Bottleneck's training FLOPs).
 
 The BN runs on the chosen backend's fused training kernel (statistics, normalize, ReLU) and its gradient on
 the backend's backward kernel; synchronized BN (process_group) computes the statistics and the gradient sums
@@ -151,15 +151,18 @@ class MaxPoolNext:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ConvBNActNext:
-    """act(batch_norm(conv2d(y, conv_weight)) + residual) in training, keeping the output (ReLU's mask) but not
-    the conv output, which the backward recomputes from y. tensors: (conv_weight, bn_weight, bn_bias, residual);
-    the running statistics (updated in place), momentum, eps and relu are the second BN's."""
+    """act(batch_norm(conv2d(y, conv_weight)) + residual) in training, keeping the output (ReLU's mask); with
+    `recompute`, not the conv output, which the backward recomputes from y, and without it the conv output too
+    (what the conv and bn_act would keep, in one autograd node instead of two: Python's per-node cost, see
+    resnet_fused/nn/fused.py). tensors: (conv_weight, bn_weight, bn_bias, residual); the running statistics
+    (updated in place), momentum, eps and relu are the second BN's."""
     conv: ConvNext
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
     momentum: float
     eps: float
     relu: bool
+    recompute: bool = True
 
     def forward(self, y, tensors, bn):
         conv_weight, weight, bias, residual = tensors
@@ -168,12 +171,14 @@ class ConvBNActNext:
         out, mean, invstd, total = bn.forward(z, weight, bias, None if residual is None else dense(residual),
                                               self.running_mean, self.running_var, self.momentum, self.eps,
                                               self.relu)
-        return out, (conv_weight, weight, out if self.relu else None, mean, invstd, total)
+        kept = None if self.recompute else z
+        return out, (conv_weight, weight, out if self.relu else None, mean, invstd, total, kept)
 
     def backward(self, grad_out, y, saved, needs, need_y, bn):
-        conv_weight, weight, out, mean, invstd, total = saved
+        conv_weight, weight, out, mean, invstd, total, z = saved
         need_conv_weight, need_weight, need_bias, need_residual = needs
-        z = self.conv.conv(y, conv_weight, bn.backend)  # the conv output, recomputed
+        if z is None:
+            z = self.conv.conv(y, conv_weight, bn.backend)  # the conv output, recomputed
         need_z = need_y or need_conv_weight
         grad_y = grad_conv_weight = grad_weight = grad_bias = grad_residual = None
         if need_z or need_weight or need_bias or need_residual:
@@ -253,12 +258,12 @@ def bn_relu_max_pool(x, bn_weight, bn_bias, running_mean, running_var, *, moment
 
 def bn_relu_conv_bn_act(x, bn_weight, bn_bias, running_mean, running_var, conv_weight, bn2_weight, bn2_bias,
                         bn2_running_mean, bn2_running_var, residual=None, *, momentum, eps, momentum2, eps2, stride,
-                        padding, dilation, groups, relu=True, process_group=None, backend=None):
+                        padding, dilation, groups, relu=True, recompute=True, process_group=None, backend=None):
     """act(batch_norm2(conv2d(relu(batch_norm(x)), conv_weight)) + residual), both BNs in training: a
-    Bottleneck's BN2 + ReLU, conv3 and BN3 (+ shortcut, ReLU). Keeps x and the output only; the backward
-    recomputes the ReLU output and the conv output. Differentiable in x, both BNs' parameters, conv_weight and
-    residual."""
+    Bottleneck's BN2 + ReLU, conv3 and BN3 (+ shortcut, ReLU), a BasicBlock's BN1 + ReLU, conv2 and BN2. Keeps x
+    and the output, and the conv output unless `recompute` (then the backward recomputes it, as it recomputes the
+    ReLU output). Differentiable in x, both BNs' parameters, conv_weight and residual."""
     then = ConvBNActNext(ConvNext(stride, padding, dilation, groups), bn2_running_mean, bn2_running_var, momentum2,
-                         eps2, relu)
+                         eps2, relu, recompute)
     return bn_relu_then(x, bn_weight, bn_bias, running_mean, running_var, then, conv_weight, bn2_weight, bn2_bias,
                         residual, momentum=momentum, eps=eps, process_group=process_group, backend=backend)
