@@ -110,9 +110,11 @@ def cpu_kernel_extension(isa):
 
 
 def extensions(cuda_archs, skip_reason, cutlass, sm90_skip):
-    # _C holds every op schema; the CPU and CUDA libraries register kernels for them.
-    exts = [CppExtension("resnet_fused._C", ["csrc/ops.cpp"], extra_compile_args={"cxx": ["-O3"]},
-                         py_limited_api=True)]
+    # _C holds every op schema, and the C++ autograd nodes of the eager training paths (backend-independent:
+    # they call the other ops through the dispatcher); the CPU and CUDA libraries register kernels for the ops.
+    exts = [CppExtension("resnet_fused._C", ["csrc/ops.cpp", "csrc/bn_act_autograd.cpp",
+                                             "csrc/recomputed_bn_relu.cpp"],
+                         extra_compile_args={"cxx": ["-O3"]}, py_limited_api=True)]
     exts += [cpu_kernel_extension(isa) for isa in cpu_isas()]
     if skip_reason is None:
         cuda_sources = [*sources("csrc/cuda/**/*.cpp"), *sources("csrc/cuda/**/*.cu")]

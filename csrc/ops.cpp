@@ -28,6 +28,12 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "bn_act_backward(Tensor grad_out, Tensor out, Tensor x, Tensor weight, Tensor save_mean, "
       "Tensor save_invstd, bool training, bool relu, bool need_grad_pre=True) -> (Tensor, Tensor, Tensor, Tensor)");
+  // bn_act with its autograd node in C++ (bn_act_autograd.cpp), for eager callers; the same results. torch.compile
+  // and torch.export see bn_act itself, whose autograd formulas are registered in Python.
+  m.def(
+      "bn_act_autograd(Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor running_mean, "
+      "Tensor running_var, bool training, float momentum, float eps, bool relu) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // out = act(x + residual)
   m.def("add_act(Tensor x, Tensor residual, bool relu) -> Tensor");
   // y = conv2d(z, weight), z = act(x * scale[c] + shift[c]) (z = x without scale/shift; padded
@@ -41,4 +47,24 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "bn_add_relu(Tensor y, Tensor scale, Tensor shift, Tensor? residual, Tensor? residual_scale, "
       "Tensor? residual_shift) -> Tensor");
+  // Training-mode BN + ReLU run inside the op that follows it, keeping x rather than relu(batch_norm(x)) for the
+  // backward, which recomputes it; the running statistics, when given, are updated in place as F.batch_norm
+  // updates them. conv2d(relu(bn(x)), conv_weight); max_pool2d(relu(bn(x))); act(bn2(conv2d(relu(bn(x)),
+  // conv_weight)) + residual), which with `recompute` recomputes the conv output in the backward too. Their autograd
+  // node is C++ (recomputed_bn_relu.cpp), for the cpu backend's eager training; resnet_fused/ops/
+  // recomputed_bn_relu.py says what they keep and calls them.
+  m.def(
+      "bn_relu_conv_training(Tensor x, Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps, Tensor conv_weight, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "bn_relu_max_pool_training(Tensor x, Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool ceil_mode) -> Tensor");
+  m.def(
+      "bn_relu_conv_bn_act_training(Tensor x, Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps, Tensor conv_weight, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, Tensor? bn2_weight, Tensor? bn2_bias, Tensor(c!)? bn2_running_mean, "
+      "Tensor(d!)? bn2_running_var, Tensor? residual, float momentum2, float eps2, bool relu, bool recompute) "
+      "-> Tensor");
 }

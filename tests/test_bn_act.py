@@ -150,6 +150,38 @@ def test_double_backward_raises(backend, device):
             torch.autograd.grad(grad_x.sum(), x)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("trainable", [["x"], ["weight", "bias"], ["residual"], ["x", "residual"], ["bias"]], ids=str)
+def test_gradients_of_some_inputs_only(trainable, training):
+    """A frozen BN, or an input without a gradient: the gradients asked for match the float64 reference's, on
+    the cpu backend's C++ autograd node (whose inputs autograd numbers without the absent ones)."""
+    skip_unless_runs("bn_act", "cpu", "cpu", torch.float32)
+    case = BN_CASES[0]
+    names = ["x", "weight", "bias", "running_mean", "running_var", "residual"]
+    sample = bn_sample(case, torch.float32, "cpu", "nhwc")
+    for name, t in zip(names, sample):
+        t.requires_grad_(name in trainable)
+    oracle = [t.detach().double().requires_grad_(t.requires_grad) for t in sample]
+    same_dtype = [t.detach().clone().requires_grad_(t.requires_grad) for t in sample]
+    grad_out = torch.randn(case.shape, dtype=torch.float64)
+    results = []
+    for fn, args in ((lambda *a, **k: rf.bn_act(*a, **k, backend="cpu"), sample), (reference.bn_act, same_dtype),
+                     (reference.bn_act, oracle)):
+        out = call(fn, args, case, training)
+        results.append(torch.autograd.grad(out, [t for t in args if t.requires_grad], grad_out.to(out.dtype)))
+    for name, got, same, want in zip(trainable, *results):
+        assert_parity(got, same, want, what=f"grad {name}")
+
+
+def test_cpu_backend_records_a_cpp_autograd_node():
+    """On the cpu backend rf.bn_act records the op's C++ autograd node (csrc/bn_act_autograd.cpp), not the Python
+    autograd.Function the Triton backend records: tens of microseconds less a call."""
+    skip_unless_runs("bn_act", "cpu", "cpu", torch.float32)
+    case = BN_CASES[0]
+    out = call(rf.bn_act, bn_sample(case, requires_grad=True), case, True, backend="cpu")
+    assert "CppNode" in out.grad_fn.name() and "BNAct" in out.grad_fn.name()
+
+
 @pytest.mark.parametrize("shape, memory_format", [((4, 131, 33, 33), "nhwc"), ((2, 3, 70, 70), "nchw")],
                          ids=["nhwc-pieces-and-chunks", "nchw-chunks"])
 def test_cpu_statistics_accurate_far_from_zero(shape, memory_format):

@@ -8,11 +8,12 @@ import torch.nn.functional as F
 import torchvision
 from samples import assert_parity, backends_for, to_float64
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fused as rf
 from resnet_fused.nn import fused as fused_modules
-from resnet_fused.ops import recomputed_bn_relu
-from resnet_fused.ops.recomputed_bn_relu import ConvNext, MaxPoolNext, bn_relu_conv_bn_act, bn_relu_then
+from resnet_fused.ops.recomputed_bn_relu import (ConvNext, MaxPoolNext, bn_relu_conv, bn_relu_conv_bn_act,
+                                                  bn_relu_max_pool)
 
 TV = torchvision.models.resnet
 # (N, C, H, W), the op after the ReLU, its weight's shape (None: no weight)
@@ -55,10 +56,14 @@ def unfused(x, weight, bias, next_weight, running_mean, running_var, then):
 
 
 def fused(backend):
+    """bn_relu_conv or bn_relu_max_pool (the C++ op on the cpu backend, the Python autograd function on the others)."""
     def run(x, weight, bias, next_weight, running_mean, running_var, then):
-        next_tensors = [] if next_weight is None else [next_weight]
-        return bn_relu_then(x, weight, bias, running_mean, running_var, then, *next_tensors, momentum=0.1, eps=1e-5,
-                            backend=backend)
+        args = dict(momentum=0.1, eps=1e-5, stride=then.stride, padding=then.padding, dilation=then.dilation,
+                    backend=backend)
+        if isinstance(then, ConvNext):
+            return bn_relu_conv(x, weight, bias, running_mean, running_var, next_weight, groups=then.groups, **args)
+        return bn_relu_max_pool(x, weight, bias, running_mean, running_var, kernel_size=then.kernel_size,
+                                ceil_mode=then.ceil_mode, **args)
     return run
 
 
@@ -179,7 +184,21 @@ def test_tail_gradients_of_some_inputs_only(trainable, recompute):
     assert_matches_unfused(tail_fused(case, "cpu", recompute), tail_unfused(case), inputs, TAIL_NAMES)
 
 
-def test_tail_keeps_the_conv_output_unless_it_recomputes_it(monkeypatch):
+class OpCounter(TorchDispatchMode):
+    """The ops run while it is active, counted by overload."""
+    def __enter__(self):
+        self.calls = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+    def count(self, op) -> int:
+        return self.calls.count(op)
+
+
+def test_tail_keeps_the_conv_output_unless_it_recomputes_it():
     """Without recompute the op keeps the conv output (one activation of the output's size more than with it) and
     its backward runs no convolution forward; with recompute the backward runs the conv again."""
     if "cpu" not in backends_for("bn_act", "cpu"):
@@ -191,11 +210,10 @@ def test_tail_keeps_the_conv_output_unless_it_recomputes_it(monkeypatch):
         parameters = [inputs[i] for i in (1, 2, 5, 6, 7)]
         kept[recompute] = saved_bytes(lambda: tail_fused(case, "cpu", recompute)(*inputs), parameters)
         out = tail_fused(case, "cpu", recompute)(*inputs)
-        convs, plain_conv = [], recomputed_bn_relu.plain_conv
-        monkeypatch.setattr(recomputed_bn_relu, "plain_conv", lambda *a, **k: convs.append(1) or plain_conv(*a, **k))
-        out.sum().backward()
-        monkeypatch.undo()
-        backward_convs[recompute] = len(convs)
+        with OpCounter() as ops:  # sees the aten ops the C++ autograd node calls too
+            out.sum().backward()
+        backward_convs[recompute] = ops.count(torch.ops.aten.conv2d.default) + ops.count(
+            torch.ops.aten.convolution.default)
     output_bytes = inputs[-1].numel() * inputs[-1].element_size()
     assert backward_convs == {True: 1, False: 0}
     assert abs((kept[False] - kept[True]) - output_bytes) < 500, (kept, output_bytes)
@@ -275,6 +293,20 @@ def test_one_value_per_channel_is_refused():
     inputs[0], inputs[-1] = inputs[0][:1], inputs[-1][:1]  # batch 1: x 1x4x3x3, the conv output 1x6x1x1
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         tail_fused(case, "cpu")(*inputs)
+
+
+@pytest.mark.parametrize("backend, node", [("cpu", "CppNode"), ("triton", "BNReLUThenBackward")])
+def test_autograd_node_per_backend(backend, node):
+    """The cpu backend's ops record their C++ autograd node (csrc/recomputed_bn_relu.cpp); the others the Python
+    BNReLUThen, which computes the same."""
+    if backend not in backends_for("bn_act", "cpu"):
+        pytest.skip(f"backend {backend!r} cannot run on CPU tensors here")
+    for case in (CASES[0], CASES[3]):
+        shape, then, weight_shape = case
+        out = fused(backend)(*sample(shape, weight_shape, torch.float32, torch.channels_last), then)
+        assert node in out.grad_fn.name()
+    out = tail_fused(TAIL_CASES[0], backend)(*tail_sample(TAIL_CASES[0], torch.float32, torch.channels_last))
+    assert node in out.grad_fn.name()
 
 
 def test_reference_backend_is_refused():

@@ -180,15 +180,17 @@ def _no_double_backward(ctx, *grads):
     raise NotImplementedError("bn_act: double backward (a gradient of the gradient) is not supported")
 
 
-def register_formulas(qualname: str, backward_qualname: str) -> None:
+def register_formulas(qualname: str, backward_qualname: str, cpp_autograd: str | None = None) -> None:
     """Fake kernels and autograd for a bn_act op and its gradient op (the C++ pair or a backend's
-    custom ops): the gradient op's result is the bn_act op's backward."""
+    custom ops): the gradient op's result is the bn_act op's backward. cpp_autograd: the same formulas with a
+    C++ autograd node, for eager calls (see eager_caller)."""
     torch.library.register_fake(qualname)(_fake)
-    register_autograd(qualname, _backward_with(op_of(backward_qualname)), _setup_context, differentiable_once="bn_act")
+    register_autograd(qualname, _backward_with(op_of(backward_qualname)), _setup_context, differentiable_once="bn_act",
+                      cpp_autograd=cpp_autograd)
     torch.library.register_fake(backward_qualname)(_fake_backward)
     torch.library.register_autograd(backward_qualname, _no_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
 
 
 if library_loaded("_C"):
-    register_formulas("resnet_fused::bn_act", "resnet_fused::bn_act_backward")
+    register_formulas("resnet_fused::bn_act", "resnet_fused::bn_act_backward", "resnet_fused::bn_act_autograd")

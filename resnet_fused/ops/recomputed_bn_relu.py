@@ -18,6 +18,11 @@ one autograd node for what would be two. With `low_memory` (a Bottleneck's) it g
 BN2's input and the block output only and recomputes conv3's output in the backward: one more activation (4x
 the inner width) less per Bottleneck, for one more 1x1 conv (about 8% of a Bottleneck's training FLOPs).
 
+On the cpu backend (in eager, without synchronized statistics) each op is one C++ op whose autograd node is C++
+(csrc/recomputed_bn_relu.cpp, the same steps as BNReLUThen below): a Python autograd.Function costs tens of
+microseconds a call in its own code, more once a convolution has swept the caches, and ResNet-50 makes about 35 of
+these calls a training step (README, "The training step"). The other backends run BNReLUThen.
+
 The BN runs on the chosen backend's fused training kernel (statistics, normalize, ReLU) and its gradient on
 the backend's backward kernel; synchronized BN (process_group) computes the statistics and the gradient sums
 with PyTorch (resnet_fused/ops/sync_bn.py) and normalizes with the backend's eval-mode pass. No double
@@ -230,6 +235,16 @@ class BNReLUThen(torch.autograd.Function):
         )
 
 
+def _runs_in_cpp(x, process_group, backend) -> bool:
+    """Whether the op runs as its C++ op (csrc/recomputed_bn_relu.cpp, the same computation with a C++ autograd
+    node instead of BNReLUThen's Python one): on the cpu backend in eager, without synchronized statistics. The
+    other backends' convolutions and synchronized BN are Python (plain_conv, sync_bn.py), and under torch.compile
+    the Python function is what the compiler traces."""
+    return (process_group is None and not torch.compiler.is_compiling()
+            and resolve_backend("bn_act", backend, x.device, x.dtype) == "cpu"
+            and resolve_backend("conv_bn_act", backend, x.device, x.dtype) == "cpu")
+
+
 def bn_relu_then(x, bn_weight, bn_bias, running_mean, running_var, then, *next_tensors, momentum, eps,
                  process_group=None, backend=None):
     """then(relu(batch_norm(x, training=True))), `then` one of ConvNext, MaxPoolNext, ConvBNActNext with its
@@ -243,6 +258,10 @@ def bn_relu_conv(x, bn_weight, bn_bias, running_mean, running_var, conv_weight, 
                  dilation, groups, process_group=None, backend=None):
     """conv2d(relu(batch_norm(x, training=True)), conv_weight), no bias or residual on the conv. Arguments as
     rf.bn_act and rf.conv_bn_act."""
+    if _runs_in_cpp(x, process_group, backend):
+        return torch.ops.resnet_fused.bn_relu_conv_training.default(
+            x, bn_weight, bn_bias, running_mean, running_var, float(momentum), float(eps), conv_weight, stride,
+            padding, dilation, groups)
     return bn_relu_then(x, bn_weight, bn_bias, running_mean, running_var, ConvNext(stride, padding, dilation, groups),
                         conv_weight, momentum=momentum, eps=eps, process_group=process_group, backend=backend)
 
@@ -251,6 +270,10 @@ def bn_relu_max_pool(x, bn_weight, bn_bias, running_mean, running_var, *, moment
                      padding, dilation=(1, 1), ceil_mode=False, process_group=None, backend=None):
     """max_pool2d(relu(batch_norm(x, training=True))), pool arguments as pairs of ints. Keeps x only: neither
     the ReLU output nor the pool's indices."""
+    if _runs_in_cpp(x, process_group, backend):
+        return torch.ops.resnet_fused.bn_relu_max_pool_training.default(
+            x, bn_weight, bn_bias, running_mean, running_var, float(momentum), float(eps), kernel_size, stride,
+            padding, dilation, ceil_mode)
     return bn_relu_then(x, bn_weight, bn_bias, running_mean, running_var,
                         MaxPoolNext(kernel_size, stride, padding, dilation, ceil_mode), momentum=momentum, eps=eps,
                         process_group=process_group, backend=backend)
@@ -263,6 +286,11 @@ def bn_relu_conv_bn_act(x, bn_weight, bn_bias, running_mean, running_var, conv_w
     Bottleneck's BN2 + ReLU, conv3 and BN3 (+ shortcut, ReLU), a BasicBlock's BN1 + ReLU, conv2 and BN2. Keeps x
     and the output, and the conv output unless `recompute` (then the backward recomputes it, as it recomputes the
     ReLU output). Differentiable in x, both BNs' parameters, conv_weight and residual."""
+    if _runs_in_cpp(x, process_group, backend):
+        return torch.ops.resnet_fused.bn_relu_conv_bn_act_training.default(
+            x, bn_weight, bn_bias, running_mean, running_var, float(momentum), float(eps), conv_weight, stride,
+            padding, dilation, groups, bn2_weight, bn2_bias, bn2_running_mean, bn2_running_var, residual,
+            float(momentum2), float(eps2), relu, recompute)
     then = ConvBNActNext(ConvNext(stride, padding, dilation, groups), bn2_running_mean, bn2_running_var, momentum2,
                          eps2, relu, recompute)
     return bn_relu_then(x, bn_weight, bn_bias, running_mean, running_var, then, conv_weight, bn2_weight, bn2_bias,
