@@ -106,4 +106,20 @@ inline void raise_when_differentiated(const std::string& what, variable_list& re
   }
 }
 
+// A backward's last step: drops the gradients of the tensor arguments that need none (numbered as edge_numbers
+// numbers them; they come first in `results`) and, with create_graph (grad mode on in the backward), ties the
+// rest to a DoubleBackwardError.
+inline void finish_backward(const std::string& what, AutogradContext* ctx, const std::vector<int64_t>& edges,
+                            bool create_graph, variable_list& results, const variable_list& grads,
+                            const variable_list& saved) {
+  for (size_t i = 0; i < edges.size(); ++i) {
+    if (!needs_grad(ctx, edges, i)) {
+      results[i] = Tensor();
+    }
+  }
+  if (create_graph) {
+    raise_when_differentiated(what, results, grads, saved);
+  }
+}
+
 }  // namespace resnet_fused::autograd_node

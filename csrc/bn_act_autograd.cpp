@@ -20,8 +20,8 @@ using autograd_node::bn_act;
 using autograd_node::bn_act_backward;
 using autograd_node::BNActResult;
 using autograd_node::edge_numbers;
+using autograd_node::finish_backward;
 using autograd_node::needs_grad;
-using autograd_node::raise_when_differentiated;
 using autograd_node::variable_list;
 
 // The arguments that carry no gradient.
@@ -72,14 +72,7 @@ class BNAct : public torch::autograd::Function<BNAct> {
           bn_act_backward(grad_out, relu ? out : x, x, weight, save_mean, save_invstd,
                           ctx->saved_data["training"].toBool(), relu, need(kResidual));
     }
-    for (size_t i = 0; i < kNumTensorInputs; ++i) {
-      if (!need(static_cast<Input>(i))) {
-        results[i] = Tensor();
-      }
-    }
-    if (create_graph) {
-      raise_when_differentiated("bn_act", results, grads, saved);
-    }
+    finish_backward("bn_act", ctx, edges, create_graph, results, grads, saved);
     return results;
   }
 };

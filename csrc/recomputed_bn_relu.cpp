@@ -26,8 +26,8 @@ using autograd_node::bn_act_backward;
 using autograd_node::BNActResult;
 using autograd_node::dense;
 using autograd_node::edge_numbers;
+using autograd_node::finish_backward;
 using autograd_node::needs_grad;
-using autograd_node::raise_when_differentiated;
 using autograd_node::variable_list;
 
 Tensor bn_add_relu(const Tensor& y, const Tensor& scale, const Tensor& shift) {
@@ -253,14 +253,7 @@ class RecomputedBNReLU : public torch::autograd::Function<RecomputedBNReLU> {
           bn_act_backward(grad_y, y, x, weight, mean, invstd, /*training=*/true, /*relu=*/true,
                           /*need_grad_pre=*/false);
     }
-    for (size_t i = 0; i < kNumTensorInputs; ++i) {
-      if (!need(static_cast<Input>(i))) {
-        results[i] = Tensor();
-      }
-    }
-    if (create_graph) {
-      raise_when_differentiated("recomputed BN + ReLU", results, grads, saved);
-    }
+    finish_backward("recomputed BN + ReLU", ctx, edges, create_graph, results, grads, saved);
     return results;
   }
 };
