@@ -1,7 +1,7 @@
-// bn_act with its autograd node in C++, for eager callers: rf.bn_act on the backends whose kernels are C++ ops.
-// The formulas are the ones resnet_fused/ops/bn_act.py registers for bn_act (which torch.compile and torch.export
-// trace); a Python autograd.Function computing them costs about 45 us a forward + backward more than this
-// (README, "bn_act without ReLU"), more once a convolution has swept the caches.
+// bn_act's eager path on the backends whose kernels are C++ ops (rf.bn_act calls it): the op, with its autograd
+// node in C++ (the formulas resnet_fused/ops/bn_act.py registers for bn_act, which torch.compile and torch.export
+// trace), and the running statistics' update. A Python autograd.Function computing the same costs about 45 us a
+// forward + backward more (README, "bn_act without ReLU"), more once a convolution has swept the caches.
 #include <optional>
 #include <tuple>
 
@@ -18,7 +18,7 @@ using at::Tensor;
 using autograd_node::AutogradContext;
 using autograd_node::bn_act;
 using autograd_node::bn_act_backward;
-using autograd_node::BNActResult;
+using autograd_node::dense;
 using autograd_node::edge_numbers;
 using autograd_node::finish_backward;
 using autograd_node::needs_grad;
@@ -41,17 +41,22 @@ class BNAct : public torch::autograd::Function<BNAct> {
     ctx->saved_data["edges"] = edge_numbers({true, true, true, residual.has_value()});
     // apply() turns grad mode off only: skip the autograd keys, and so bn_act's Python autograd wrapper.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const Tensor dense_x = dense(x);  // the kernels take either memory format, densely
+    std::optional<Tensor> dense_residual;
+    if (residual.has_value()) {
+      dense_residual = dense(*residual);
+    }
     auto [out, save_mean, save_invstd, new_mean, new_var] =
-        bn_act(x, weight, bias, residual, options.running_mean, options.running_var, options.training,
+        bn_act(dense_x, weight, bias, dense_residual, options.running_mean, options.running_var, options.training,
                options.momentum, options.eps, options.relu);
     // The output only for ReLU's mask: without ReLU (a downsample branch) keeping it would hold one more
     // activation until the backward, which the gradient kernels do not read.
-    ctx->save_for_backward({x, weight, save_mean, save_invstd, options.relu ? out : Tensor()});
+    ctx->save_for_backward({dense_x, weight, save_mean, save_invstd, options.relu ? out : Tensor()});
     ctx->saved_data["training"] = options.training;
     ctx->saved_data["relu"] = options.relu;
-    ctx->mark_non_differentiable({save_mean, save_invstd, new_mean, new_var});
+    ctx->mark_non_differentiable({new_mean, new_var});
     ctx->set_materialize_grads(false);  // only `out` carries a gradient
-    return {out, save_mean, save_invstd, new_mean, new_var};
+    return {out, new_mean, new_var};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -77,13 +82,25 @@ class BNAct : public torch::autograd::Function<BNAct> {
   }
 };
 
-// bn_act's schema and results; differentiable in x, weight, bias and residual.
-BNActResult bn_act_autograd(const Tensor& x, const Tensor& weight, const Tensor& bias,
-                            const std::optional<Tensor>& residual, const Tensor& running_mean,
-                            const Tensor& running_var, bool training, double momentum, double eps, bool relu) {
+// act(batch_norm(x) + residual), differentiable in x, weight, bias and residual; in training the running
+// statistics, when given, updated in place (outside the node, so that the writes bump their version counters as
+// any in-place write does: the fold cache reads them), from scratch ones otherwise.
+Tensor bn_act_autograd(const Tensor& x, const Tensor& weight, const Tensor& bias, const std::optional<Tensor>& residual,
+                       const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+                       bool training, double momentum, double eps, bool relu) {
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
+                    "running_mean and running_var must be given together");
+  const bool tracked = running_mean.has_value();
   const auto outputs = BNAct::apply(x, weight, bias, residual,
-                                    Options{running_mean, running_var, training, momentum, eps, relu});
-  return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4]};
+                                    Options{tracked ? *running_mean : at::zeros_like(weight),
+                                            tracked ? *running_var : at::ones_like(weight), training, momentum, eps,
+                                            relu});
+  if (training && tracked) {
+    at::NoGradGuard no_grad;
+    running_mean->copy_(outputs[1]);
+    running_var->copy_(outputs[2]);
+  }
+  return outputs[0];
 }
 
 }  // namespace

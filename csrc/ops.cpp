@@ -28,12 +28,13 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "bn_act_backward(Tensor grad_out, Tensor out, Tensor x, Tensor weight, Tensor save_mean, "
       "Tensor save_invstd, bool training, bool relu, bool need_grad_pre=True) -> (Tensor, Tensor, Tensor, Tensor)");
-  // bn_act with its autograd node in C++ (bn_act_autograd.cpp), for eager callers; the same results. torch.compile
-  // and torch.export see bn_act itself, whose autograd formulas are registered in Python.
+  // bn_act's eager path in one call (bn_act_autograd.cpp): bn_act with its autograd node in C++, and in training
+  // the running statistics (when given; scratch ones otherwise) updated in place from its new ones. rf.bn_act calls
+  // it on the C++ backends in eager; torch.compile and torch.export see bn_act itself, whose autograd formulas are
+  // registered in Python.
   m.def(
-      "bn_act_autograd(Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor running_mean, "
-      "Tensor running_var, bool training, float momentum, float eps, bool relu) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bn_act_autograd(Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu) -> Tensor");
   // out = act(x + residual)
   m.def("add_act(Tensor x, Tensor residual, bool relu) -> Tensor");
   // y = conv2d(z, weight), z = act(x * scale[c] + shift[c]) (z = x without scale/shift; padded

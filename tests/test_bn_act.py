@@ -173,6 +173,39 @@ def test_gradients_of_some_inputs_only(trainable, training):
         assert_parity(got, same, want, what=f"grad {name}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["strided_nchw", "channel_slice_nhwc"])
+def test_non_contiguous_inputs(layout, backend, device):
+    """x and residual that are views (every other row of an NCHW tensor; a slice of a channels_last tensor's
+    channels): the output and every gradient as for contiguous copies, against float64."""
+    skip_unless_runs("bn_act", backend, device, torch.float32)
+    torch.manual_seed(0)
+    if layout == "strided_nchw":
+        def view(t):
+            return t[:, :, ::2]
+        shape = (3, 5, 14, 6)
+    else:
+        def view(t):
+            return t.contiguous(memory_format=torch.channels_last)[:, 2:7]
+        shape = (3, 9, 7, 6)
+    bases = [torch.randn(shape, dtype=torch.float64, device=device) for _ in range(2)]
+    weight, bias = torch.rand(5, dtype=torch.float64, device=device) + 0.5, torch.randn(5, dtype=torch.float64,
+                                                                                       device=device)
+    grad_out = torch.randn(view(bases[0]).shape, dtype=torch.float64, device=device)
+    results = []
+    for dtype in (torch.float32, torch.float32, torch.float64):
+        leaves = [t.to(dtype).requires_grad_() for t in (*bases, weight, bias)]
+        x, residual = view(leaves[0]), view(leaves[1])
+        assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+        fn = rf.bn_act if not results else reference.bn_act
+        kwargs = {"backend": backend} if not results else {}
+        out = fn(x, leaves[2], leaves[3], None, None, residual, training=True, **kwargs)
+        grads = torch.autograd.grad(out, leaves, grad_out.to(dtype))
+        results.append([out, *grads])
+    for label, got, same, want in zip(["output", "grad x", "grad residual", "grad weight", "grad bias"], *results):
+        assert_parity(got.detach(), same.detach(), want.detach(), what=label)
+
+
 def test_cpu_backend_records_a_cpp_autograd_node():
     """On the cpu backend rf.bn_act records the op's C++ autograd node (csrc/bn_act_autograd.cpp), not the Python
     autograd.Function the Triton backend records: tens of microseconds less a call."""

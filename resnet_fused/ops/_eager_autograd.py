@@ -9,8 +9,7 @@ the op below the autograd keys, inside an autograd.Function built from the formu
 when a gradient is needed. Under torch.compile and torch.export, and for anyone calling torch.ops.resnet_fused.*
 directly, the registered formulas apply; both paths share setup_context and backward, so they cannot disagree.
 The ops modules register their formulas through `register_autograd` here and call their ops as `eager(op)(...)`.
-An op may also have a twin with its schema whose autograd node is C++ (bn_act_autograd, csrc/bn_act_autograd.cpp:
-no Python at all in the node); its eager caller calls that twin when a gradient is needed."""
+(rf.bn_act on the C++ backends goes further: bn_act_autograd, whose autograd node is C++; see bn_act.py.)"""
 from collections.abc import Callable
 
 import torch
@@ -48,15 +47,12 @@ def eager(op):
 
 
 def eager_caller(op, setup_context: Callable, backward: Callable, *, differentiable_outputs: int = 1,
-                 differentiable_once: str | None = None, cpp_autograd: str | None = None):
+                 differentiable_once: str | None = None):
     """call(*args) -> op(*args) (positional arguments only), differentiable through setup_context(ctx, inputs,
     output) and backward(ctx, *grads) as registered for op. Of a tuple of outputs, those after the first
     `differentiable_outputs` carry no gradient (statistics, running averages). differentiable_once="<op>": the
     backward calls gradient kernels (run below the autograd keys too) and a second derivative through it raises,
-    as the registered one does (see _no_double_backward); otherwise it is PyTorch ops, differentiable again.
-    cpp_autograd="namespace::name": an op with op's schema whose autograd node is C++ and computes the same
-    formulas (csrc/bn_act_autograd.cpp), called instead of the Python autograd.Function when a gradient is needed
-    (outside torch.func transforms, which C++ autograd functions do not support)."""
+    as the registered one does (see _no_double_backward); otherwise it is PyTorch ops, differentiable again."""
     def run_backward(ctx, *grads):
         with below_autograd():
             return backward(ctx, *grads)
@@ -81,14 +77,10 @@ def eager_caller(op, setup_context: Callable, backward: Callable, *, differentia
 
         backward = staticmethod(eager_backward)
 
-    with_cpp_node = op_of(cpp_autograd) if cpp_autograd else None
-
     def call(*args):
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            if with_cpp_node is not None and not torch._C._are_functorch_transforms_active():
-                return with_cpp_node(*args)
             return Call.apply(*args)
         with below_autograd():
             return op(*args)

@@ -30,6 +30,11 @@ def _param_dtype(x, params: dict) -> torch.dtype:
     return dtype
 
 
+def _filled(t, channels: int, fill: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """t, or a (channels,) tensor of `fill` standing in for an absent BN parameter or running statistic."""
+    return t if t is not None else torch.full((channels,), fill, dtype=dtype, device=device)
+
+
 def _check_tensors(x, weight, bias, running_mean, running_var, residual, training: bool) -> torch.dtype:
     """bn_act's checks of its tensors; returns the BN parameters' dtype (see _param_dtype)."""
     check_tensor(x, "x", 4)
@@ -97,6 +102,16 @@ def bn_act(x, weight, bias, running_mean, running_var, residual=None, *, trainin
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
 
     name = resolve_backend("bn_act", backend, x.device, x.dtype)
+    if name in ("cpu", "cuda") and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                                        or torch._C._are_functorch_transforms_active()):
+        # The C++ ops' eager path in one call (csrc/bn_act_autograd.cpp): the op on dense copies of x and residual
+        # where they need one, its autograd node in C++ when a gradient is needed, and the running statistics'
+        # update. A Python autograd.Function costs tens of microseconds a call more. torch.compile and
+        # torch.export trace the op and its registered formulas below; torch.func transforms take no C++ node.
+        weight = _filled(weight, channels, 1.0, param_dtype, x.device)
+        bias = _filled(bias, channels, 0.0, param_dtype, x.device)
+        return torch.ops.resnet_fused.bn_act_autograd.default(x, weight, bias, residual, running_mean, running_var,
+                                                              training, float(momentum), float(eps), relu)
     x = dense(x)
     residual = dense(residual) if residual is not None else None
     if name == "reference":
@@ -105,7 +120,7 @@ def bn_act(x, weight, bias, running_mean, running_var, residual=None, *, trainin
         return out.contiguous(memory_format=output_memory_format(x))
 
     def param(t, fill):
-        return t if t is not None else torch.full((channels,), fill, dtype=param_dtype, device=x.device)
+        return _filled(t, channels, fill, param_dtype, x.device)
 
     out, _, _, new_mean, new_var = eager(backend_ops(name)[0])(
         x, param(weight, 1.0), param(bias, 0.0), residual, param(running_mean, 0.0), param(running_var, 1.0),
@@ -180,17 +195,15 @@ def _no_double_backward(ctx, *grads):
     raise NotImplementedError("bn_act: double backward (a gradient of the gradient) is not supported")
 
 
-def register_formulas(qualname: str, backward_qualname: str, cpp_autograd: str | None = None) -> None:
+def register_formulas(qualname: str, backward_qualname: str) -> None:
     """Fake kernels and autograd for a bn_act op and its gradient op (the C++ pair or a backend's
-    custom ops): the gradient op's result is the bn_act op's backward. cpp_autograd: the same formulas with a
-    C++ autograd node, for eager calls (see eager_caller)."""
+    custom ops): the gradient op's result is the bn_act op's backward."""
     torch.library.register_fake(qualname)(_fake)
-    register_autograd(qualname, _backward_with(op_of(backward_qualname)), _setup_context, differentiable_once="bn_act",
-                      cpp_autograd=cpp_autograd)
+    register_autograd(qualname, _backward_with(op_of(backward_qualname)), _setup_context, differentiable_once="bn_act")
     torch.library.register_fake(backward_qualname)(_fake_backward)
     torch.library.register_autograd(backward_qualname, _no_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
 
 
 if library_loaded("_C"):
-    register_formulas("resnet_fused::bn_act", "resnet_fused::bn_act_backward", "resnet_fused::bn_act_autograd")
+    register_formulas("resnet_fused::bn_act", "resnet_fused::bn_act_backward")
