@@ -112,7 +112,7 @@ def cpu_kernel_extension(isa):
 def extensions(cuda_archs, skip_reason, cutlass, sm90_skip):
     # _C holds every op schema, and the C++ autograd nodes of the eager training paths (backend-independent:
     # they call the other ops through the dispatcher); the CPU and CUDA libraries register kernels for the ops.
-    exts = [CppExtension("resnet_fused._C", ["csrc/ops.cpp", "csrc/bn_act_autograd.cpp",
+    exts = [CppExtension("resnet_fused._C", ["csrc/ops.cpp", "csrc/bn_act_autograd.cpp", "csrc/conv_training.cpp",
                                              "csrc/recomputed_bn_relu.cpp"],
                          extra_compile_args={"cxx": ["-O3"]}, py_limited_api=True)]
     exts += [cpu_kernel_extension(isa) for isa in cpu_isas()]

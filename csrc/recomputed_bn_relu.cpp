@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "autograd_node.h"
+#include "conv_weight_grad.h"
 #include "layout.h"
 
 namespace resnet_fused::training {
@@ -90,10 +91,7 @@ struct ConvArgs {
 
   std::pair<Tensor, Tensor> backward(const Tensor& grad_out, const Tensor& y, const Tensor& weight, bool need_y,
                                      bool need_weight) const {
-    auto [grad_y, grad_weight, grad_bias] = at::convolution_backward(
-        grad_out, y, weight, std::nullopt, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups,
-        {need_y, need_weight, false});
-    return {grad_y, grad_weight};
+    return autograd_node::conv_backward(grad_out, y, weight, stride, padding, dilation, groups, need_y, need_weight);
   }
 };
 

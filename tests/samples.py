@@ -1,9 +1,10 @@
-"""One sample-input generator per op, reused by the parity, gradient and opcheck tests, and the error
-bound every parity test uses."""
+"""One sample-input generator per op, reused by the parity, gradient and opcheck tests, the error bound every
+parity test uses, and a recorder of the ops a call runs."""
 from dataclasses import dataclass
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fused as rf
 from resnet_fused.testing import parity
@@ -173,3 +174,16 @@ def assert_parity(actual: torch.Tensor, same_dtype_torch: torch.Tensor, oracle: 
     assert actual.shape == oracle.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(oracle.shape)}"
     result = parity(actual, same_dtype_torch, oracle)
     assert result.ok, f"{what} ({actual.dtype}): {result}"
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the ops that run while it is active, in order, as their overloads (`seen`): those a C++ autograd
+    node calls included, which Python monkeypatching cannot see."""
+
+    def __enter__(self):
+        self.seen = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))

@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from samples import assert_parity, backends_for, to_float64
+from samples import OpRecorder, assert_parity, backends_for, to_float64
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fused as rf
 from resnet_fused.nn import fused as fused_modules
@@ -184,20 +183,6 @@ def test_tail_gradients_of_some_inputs_only(trainable, recompute):
     assert_matches_unfused(tail_fused(case, "cpu", recompute), tail_unfused(case), inputs, TAIL_NAMES)
 
 
-class OpCounter(TorchDispatchMode):
-    """The ops run while it is active, counted by overload."""
-    def __enter__(self):
-        self.calls = []
-        return super().__enter__()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls.append(func)
-        return func(*args, **(kwargs or {}))
-
-    def count(self, op) -> int:
-        return self.calls.count(op)
-
-
 def test_tail_keeps_the_conv_output_unless_it_recomputes_it():
     """Without recompute the op keeps the conv output (one activation of the output's size more than with it) and
     its backward runs no convolution forward; with recompute the backward runs the conv again."""
@@ -210,9 +195,9 @@ def test_tail_keeps_the_conv_output_unless_it_recomputes_it():
         parameters = [inputs[i] for i in (1, 2, 5, 6, 7)]
         kept[recompute] = saved_bytes(lambda: tail_fused(case, "cpu", recompute)(*inputs), parameters)
         out = tail_fused(case, "cpu", recompute)(*inputs)
-        with OpCounter() as ops:  # sees the aten ops the C++ autograd node calls too
+        with OpRecorder() as ops:  # sees the aten ops the C++ autograd node calls too
             out.sum().backward()
-        backward_convs[recompute] = ops.count(torch.ops.aten.conv2d.default) + ops.count(
+        backward_convs[recompute] = ops.seen.count(torch.ops.aten.conv2d.default) + ops.seen.count(
             torch.ops.aten.convolution.default)
     output_bytes = inputs[-1].numel() * inputs[-1].element_size()
     assert backward_convs == {True: 1, False: 0}

@@ -63,11 +63,19 @@ def conv_bn_act(x, weight, bias=None, residual=None, *, stride=1, padding=0, dil
 
 def plain_conv(x, weight, bias, *, stride, padding, dilation, groups, backend):
     """conv2d(x, weight, bias) alone, in x's memory format, for the training paths (whose BN runs apart): on the
-    cpu backend ATen's convolution (F.conv2d), which makes the oneDNN call conv_bn_act would make with no epilogue
-    to fuse, without conv_bn_act's Python argument checks and Python autograd.Function (microseconds a call, paid
-    per conv in a training step; F.conv2d's autograd is C++); on other backends conv_bn_act with no epilogue. The
-    arguments are a module's own, already valid."""
+    cpu backend ATen's convolution, which makes the oneDNN call conv_bn_act would make with no epilogue to fuse,
+    without conv_bn_act's Python argument checks and Python autograd.Function (microseconds a call, paid per conv
+    in a training step): with a gradient to record, the conv_training op (its autograd node C++, see there), else
+    F.conv2d; on other backends conv_bn_act with no epilogue. The arguments are a module's own, already valid."""
     if resolve_backend("conv_bn_act", backend, x.device, x.dtype) == "cpu":
+        if (bias is None and not isinstance(padding, str) and torch.is_grad_enabled()
+                and (x.requires_grad or weight.requires_grad) and not torch.compiler.is_compiling()
+                and not torch.compiler.is_exporting() and not torch._C._are_functorch_transforms_active()):
+            # The same convolution with a C++ autograd node whose backward takes a 1x1 conv's weight gradient over
+            # a small plane as one matmul (csrc/conv_weight_grad.h: up to 4x faster there than ATen's).
+            return torch.ops.resnet_fused.conv_training.default(x, weight, pair(stride, "stride", 1),
+                                                                pair(padding, "padding", 0),
+                                                                pair(dilation, "dilation", 1), groups)
         out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return out.contiguous(memory_format=output_memory_format(x))
     return conv_bn_act(x, weight, bias, None, stride=stride, padding=padding, dilation=dilation, groups=groups,
