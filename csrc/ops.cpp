@@ -1,6 +1,7 @@
 // Every schema of the resnet_fused namespace, defined once. Backends register their kernels in their
 // own files with TORCH_LIBRARY_IMPL (cpu/*.cpp, cuda/register_cuda.cpp); the fake kernels and the
-// autograd formulas live in Python (resnet_fused/ops/).
+// autograd formulas live in Python (resnet_fused/ops/), except the eager training ops' C++ autograd nodes
+// (bn_act_autograd.cpp, conv_training.cpp, recomputed_bn_relu.cpp: CompositeImplicitAutograd kernels).
 #include <torch/library.h>
 
 TORCH_LIBRARY(resnet_fused, m) {
