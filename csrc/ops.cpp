@@ -37,7 +37,7 @@ TORCH_LIBRARY(resnet_fused, m) {
       "bn_act_autograd(Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu) -> Tensor");
   // conv2d(x, weight), no bias, in x's memory format, with its autograd node in C++ (conv_training.cpp): the cpu
-  // backend's convolutions that run alone in training, whose 1x1 weight gradients over small planes are a matmul.
+  // backend's convolutions that run alone in training, whose weight gradients over small planes are a matmul.
   m.def(
       "conv_training(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
   // out = act(x + residual)

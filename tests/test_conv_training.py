@@ -1,7 +1,7 @@
 """conv_training, the cpu backend's convolution for the training paths (csrc/conv_training.cpp): ATen's
-convolution with a C++ autograd node whose backward computes a 1x1 convolution's weight gradient over a small
-plane as one matmul (csrc/conv_weight_grad.h). Against F.conv2d in float32 and float64, on both sides of that
-rule, and twice differentiable as F.conv2d is."""
+convolution with a C++ autograd node whose backward computes the weight gradient over a small output plane as
+one matmul of grad_out and x's patches (csrc/conv_weight_grad.h). Against F.conv2d in float32 and float64, on
+both sides of that rule, and twice differentiable as F.conv2d is."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,18 +13,25 @@ CASES = [
     ((2, 12, 7, 7), (20, 12, 1, 1), 2, 0, 1, 1, torch.channels_last, True),  # stride 2 onto 4x4
     ((2, 7, 3, 5), (5, 7, 1, 1), 1, 0, 1, 1, torch.channels_last, True),  # odd channels, 3x5
     ((1, 8, 1, 1), (6, 8, 1, 1), 1, 0, 1, 1, torch.channels_last, True),  # batch 1, one pixel
+    ((2, 8, 4, 4), (8, 8, 3, 3), 1, 1, 1, 1, torch.channels_last, True),  # 3x3, padding: patches of a padded copy
+    ((2, 12, 7, 7), (10, 12, 3, 3), 2, 1, 1, 1, torch.channels_last, True),  # 3x3, stride 2 onto 4x4
+    ((1, 7, 3, 5), (9, 7, 3, 3), 1, 2, 2, 1, torch.channels_last, True),  # dilation 2, odd channels, 3x5
+    ((2, 3, 8, 8), (8, 3, 7, 7), 2, 3, 1, 1, torch.channels_last, True),  # a 7x7 stem-like kernel onto 4x4
+    ((2, 8, 2, 2), (8, 8, 1, 1), 1, 1, 1, 1, torch.channels_last, True),  # 1x1 with padding onto 4x4
+    ((0, 8, 4, 4), (8, 8, 3, 3), 1, 1, 1, 1, torch.channels_last, True),  # batch 0
     ((2, 16, 5, 5), (24, 16, 1, 1), 1, 0, 1, 1, torch.channels_last, False),  # a plane of 25: ATen's
+    ((2, 8, 5, 5), (8, 8, 3, 3), 1, 1, 1, 1, torch.channels_last, False),  # 3x3 on a plane of 25: ATen's
+    ((3700, 8, 4, 4), (4, 8, 3, 3), 1, 1, 1, 1, torch.channels_last, False),  # patches over the cap: ATen's
     ((3, 16, 4, 4), (24, 16, 1, 1), 1, 0, 1, 1, torch.contiguous_format, False),  # NCHW: ATen's
-    ((2, 8, 4, 4), (8, 8, 3, 3), 1, 1, 1, 1, torch.channels_last, False),  # 3x3
     ((2, 8, 4, 4), (8, 4, 1, 1), 1, 0, 1, 2, torch.channels_last, False),  # groups
-    ((2, 8, 6, 6), (8, 8, 1, 1), 1, 1, 1, 1, torch.channels_last, False),  # padding
+    ((2, 8, 6, 6), (8, 8, 1, 1), 1, 1, 1, 1, torch.channels_last, False),  # padding onto 8x8
 ]
 
 
 def case_id(case):
     x_shape, w_shape, stride, padding, dilation, groups, fmt, matmul = case
     layout = "nhwc" if fmt == torch.channels_last else "nchw"
-    return f"{'x'.join(map(str, x_shape))}-k{w_shape[2]}-s{stride}-p{padding}-g{groups}-{layout}"
+    return f"{'x'.join(map(str, x_shape))}-k{w_shape[2]}-s{stride}-p{padding}-d{dilation}-g{groups}-{layout}"
 
 
 def conv_training(x, weight, stride, padding, dilation, groups):
@@ -74,7 +81,7 @@ def test_parity_with_conv2d(case, trainable):
         assert_parity(got.detach(), same.detach(), want.detach(), what=label)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]], ids=case_id)
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[6], CASES[10]], ids=case_id)
 def test_twice_differentiable(case):
     """gradcheck and gradgradcheck in float64: the backward is ATen ops, recorded under create_graph."""
     _, _, stride, padding, dilation, groups, _, _ = case

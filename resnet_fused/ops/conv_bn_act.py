@@ -71,8 +71,8 @@ def plain_conv(x, weight, bias, *, stride, padding, dilation, groups, backend):
         if (bias is None and not isinstance(padding, str) and torch.is_grad_enabled()
                 and (x.requires_grad or weight.requires_grad) and not torch.compiler.is_compiling()
                 and not torch.compiler.is_exporting() and not torch._C._are_functorch_transforms_active()):
-            # The same convolution with a C++ autograd node whose backward takes a 1x1 conv's weight gradient over
-            # a small plane as one matmul (csrc/conv_weight_grad.h: up to 4x faster there than ATen's).
+            # The same convolution with a C++ autograd node whose backward takes the weight gradient over a small
+            # output plane as one matmul (csrc/conv_weight_grad.h: up to 4x faster there than ATen's).
             return torch.ops.resnet_fused.conv_training.default(x, weight, pair(stride, "stride", 1),
                                                                 pair(padding, "padding", 0),
                                                                 pair(dilation, "dilation", 1), groups)
