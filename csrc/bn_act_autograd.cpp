@@ -75,7 +75,10 @@ class BNAct : public torch::autograd::Function<BNAct> {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(results[kX], results[kWeight], results[kBias], results[kResidual]) =
           bn_act_backward(grad_out, relu ? out : x, x, weight, save_mean, save_invstd,
-                          ctx->saved_data["training"].toBool(), relu, need(kResidual));
+                          ctx->saved_data["training"].toBool(), relu, need(kResidual) && relu);
+    }
+    if (!relu && need(kResidual)) {
+      results[kResidual] = grad_out;  // without ReLU the residual's gradient is grad_out itself, as for an add
     }
     finish_backward("bn_act", ctx, edges, create_graph, results, grads, saved);
     return results;

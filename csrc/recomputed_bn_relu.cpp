@@ -237,7 +237,10 @@ class RecomputedBNReLU : public torch::autograd::Function<RecomputedBNReLU> {
           Tensor grad_z;
           std::tie(grad_z, results[kWeight2], results[kBias2], results[kResidual]) =
               bn_act_backward(grad_out, relu ? out : z, z, weight2, mean2, invstd2, /*training=*/true, relu,
-                              need(kResidual));
+                              need(kResidual) && relu);
+          if (!relu && need(kResidual)) {
+            results[kResidual] = grad_out;  // without ReLU, grad_out itself, as for an add
+          }
           if (need_z) {
             std::tie(grad_y, results[kConvWeight]) = conv.backward(grad_z, y, conv_weight, need_bn,
                                                                    need(kConvWeight));

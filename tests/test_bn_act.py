@@ -215,6 +215,24 @@ def test_cpu_backend_records_a_cpp_autograd_node():
     assert "CppNode" in out.grad_fn.name() and "BNAct" in out.grad_fn.name()
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_gradient_without_relu_is_grad_out(backend, training, device):
+    """Without ReLU the residual's gradient is the incoming gradient itself, as PyTorch's add hands it on: no copy
+    (the C++ node and the Python formula alike); with ReLU it is the masked gradient, a tensor of its own."""
+    skip_unless_runs("bn_act", backend, device, torch.float32)
+    for case in (BN_CASES[4], BN_CASES[0]):  # no_relu, basic
+        x, weight, bias, running_mean, running_var, residual = bn_sample(case, torch.float32, device, "nhwc",
+                                                                         requires_grad=True)
+        out = call(rf.bn_act, (x, weight, bias, running_mean, running_var, residual), case, training,
+                   backend=backend)
+        grad_out = torch.randn_like(out)
+        grad_residual, grad_x = torch.autograd.grad(out, (residual, x), grad_out)
+        expected = grad_out if not case.relu else grad_out * (out > 0)
+        torch.testing.assert_close(grad_residual, expected, rtol=0, atol=0)
+        assert (grad_residual.data_ptr() == grad_out.data_ptr()) == (not case.relu), case.name
+
+
 @pytest.mark.parametrize("shape, memory_format", [((4, 131, 33, 33), "nhwc"), ((2, 3, 70, 70), "nchw")],
                          ids=["nhwc-pieces-and-chunks", "nchw-chunks"])
 def test_cpu_statistics_accurate_far_from_zero(shape, memory_format):

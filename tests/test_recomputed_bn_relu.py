@@ -183,6 +183,18 @@ def test_tail_gradients_of_some_inputs_only(trainable, recompute):
     assert_matches_unfused(tail_fused(case, "cpu", recompute), tail_unfused(case), inputs, TAIL_NAMES)
 
 
+def test_tail_hands_grad_out_on_to_the_residual_without_relu(fused_backend):
+    """Without ReLU the residual's gradient is the incoming gradient itself, as PyTorch's add hands it on: no copy;
+    with ReLU, the masked gradient."""
+    for case in (TAIL_CASES[2], TAIL_CASES[0]):  # without ReLU, with it
+        inputs = tail_sample(case, torch.float32, torch.channels_last)
+        inputs[-1].requires_grad_()
+        out = tail_fused(case, fused_backend)(*inputs)
+        grad_out = torch.randn_like(out)
+        (grad_residual,) = torch.autograd.grad(out, inputs[-1], grad_out)
+        assert (grad_residual.data_ptr() == grad_out.data_ptr()) == (not case[3]), case
+
+
 def test_tail_keeps_the_conv_output_unless_it_recomputes_it():
     """Without recompute the op keeps the conv output (one activation of the output's size more than with it) and
     its backward runs no convolution forward; with recompute the backward runs the conv again."""

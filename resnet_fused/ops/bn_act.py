@@ -179,14 +179,16 @@ def _backward(ctx, grad_out, backward_op):
         return (None,) * 10
     x, weight, save_mean, save_invstd, out = ctx.saved_tensors
     need_x, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
+    # Without ReLU the residual's gradient is grad_out itself (as for PyTorch's add): no copy asked of the op.
     grad_x, grad_weight, grad_bias, grad_pre = backward_op(
-        grad_out, out if ctx.relu else x, x, weight, save_mean, save_invstd, ctx.training, ctx.relu, need_residual
+        grad_out, out if ctx.relu else x, x, weight, save_mean, save_invstd, ctx.training, ctx.relu,
+        need_residual and ctx.relu
     )
     return (
         grad_x if need_x else None,
         grad_weight if need_weight else None,
         grad_bias if need_bias else None,
-        grad_pre if need_residual else None,
+        (grad_pre if ctx.relu else grad_out) if need_residual else None,
         None, None, None, None, None, None,
     )
 

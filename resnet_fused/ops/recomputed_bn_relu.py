@@ -187,9 +187,12 @@ class ConvBNActNext:
         need_z = need_y or need_conv_weight
         grad_y = grad_conv_weight = grad_weight = grad_bias = grad_residual = None
         if need_z or need_weight or need_bias or need_residual:
-            # Without ReLU, out is not read: z stands in for it.
+            # Without ReLU, out is not read (z stands in for it) and the residual's gradient is grad_out itself.
             grad_z, grad_weight, grad_bias, grad_residual = bn.backward(grad_out, out if self.relu else z, z, weight,
-                                                                        mean, invstd, total, self.relu, need_residual)
+                                                                        mean, invstd, total, self.relu,
+                                                                        need_residual and self.relu)
+            if not self.relu and need_residual:
+                grad_residual = grad_out
         if need_z:
             grad_y, grad_conv_weight = self.conv.conv_backward(grad_z, y, conv_weight, need_y, need_conv_weight)
         return grad_y, (grad_conv_weight, grad_weight, grad_bias, grad_residual)
