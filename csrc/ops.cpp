@@ -14,6 +14,13 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "conv_bn_act_into_residual(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) residual, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool relu) -> ()");
+  // A block's main path in inference as one call: y = conv_bn_act(y, weights[i], biases[i], relu) for every
+  // convolution but the last (ReLU, no residual), then the last written into the residual's buffer as
+  // conv_bn_act_into_residual writes it. `geometry` holds 7 ints per convolution: stride, padding and dilation as
+  // (height, width) pairs, then groups. One call from Python instead of one per convolution (nn/fused.py).
+  m.def(
+      "conv_bn_act_chain_into_residual(Tensor x, Tensor[] weights, Tensor?[] biases, int[] geometry, "
+      "Tensor(a!) residual, bool relu) -> ()");
   // out = act(batch_norm(x) + residual). Functional: the updated running statistics are returned
   // (as aten::_native_batch_norm_legit_functional does) and copied into the buffers by the caller,
   // so the op can carry an autograd formula and be traced by torch.compile.

@@ -4,6 +4,7 @@
 #include <optional>
 #include <tuple>
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
@@ -17,6 +18,10 @@ at::Tensor conv_bn_act(
 void conv_bn_act_into_residual(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::Tensor& residual,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu);
+
+void conv_bn_act_chain_into_residual(const at::Tensor& x, at::TensorList weights,
+                                     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef geometry,
+                                     at::Tensor& residual, bool relu);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,

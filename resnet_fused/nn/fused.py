@@ -146,21 +146,24 @@ class FusedModule(nn.Module):
         in-place ops; needed after writes that bypass version counters (`p.data.copy_(...)`, or a
         torch.distributed collective writing into a parameter or BN buffer of an eval-mode model)."""
         self._fold_cache.clear()
+        self._chains.clear()
 
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), .half(), channels_last, ...: the folded copies would be on the old device/dtype.
         self._fold_cache.clear()
+        self._chains.clear()
         return super()._apply(fn, recurse)
 
     def __getstate__(self):
         # torch.save and copy.deepcopy carry the weights, not folded copies of them.
         state = self.__dict__.copy()
-        state["_fold_cache"] = {}
+        state["_fold_cache"], state["_chains"] = {}, {}
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_fold_cache", {})
+        self.__dict__.setdefault("_chains", {})
         self.__dict__.setdefault("backend", None)
         self.__dict__.setdefault("process_group", None)
 
@@ -204,10 +207,23 @@ class FusedModule(nn.Module):
         in the backward instead of keeping it."""
         norms, next_convs = [bn for _, _, bn in steps], [conv for _, conv, _ in steps[1:]]
         if len(steps) < 2 or not self._recomputes(x, norms, next_convs):
+            chain = self._chain_signature(x, steps, residual, owns_residual)
+            if chain is not None and chain in self._chains:
+                out = self._eval_chain(x, steps, residual, owns_residual, self._chains[chain])
+                if out is not None:
+                    return out
+            inputs = []  # each step's input signature, for _eval_chain
             for key, conv, bn in steps[:-1]:
+                inputs.append((x.shape, x.stride()))
                 x = self._conv_bn(key, x, conv, bn)
             key, conv, bn = steps[-1]
-            return self._conv_bn(key, x, conv, bn, residual, owns_residual=owns_residual)
+            inputs.append((x.shape, x.stride()))
+            out = self._conv_bn(key, x, conv, bn, residual, owns_residual=owns_residual)
+            if chain is not None:
+                if len(self._chains) >= 16:  # inputs whose shapes never repeat cannot grow it
+                    self._chains.clear()
+                self._chains[chain] = inputs
+            return out
         y = self._conv(x, steps[0][1])  # a conv output whose BN + ReLU is still to run
         # The last BN + ReLU, conv and BN run as one op (one autograd node less: each costs tens of microseconds of
         # Python, several times that once a convolution has swept the caches; README, "The training step"), which
@@ -222,6 +238,52 @@ class FusedModule(nn.Module):
             return self._batch_norm(y, norms[-1], _cast(residual, y.dtype), relu=True)
         return self._recomputed_tail(y, norms[-2], next_convs[-1], norms[-1], residual, relu=True,
                                      recompute=low_memory)
+
+    def _chain_signature(self, x: torch.Tensor, steps, residual: torch.Tensor | None, owns_residual: bool):
+        """The key under which a block's main path in inference may run as one C++ call (_eval_chain), or None where
+        it may not: eager (not compiling or exporting), no autograd (grad mode off), every BN in eval mode, a
+        shortcut to add, x on the CPU with the cpu backend, convolutions with numeric padding. The key holds what
+        the ops' checks and the prepacked weights depend on: x's and the residual's shape, strides and dtype, the
+        compute dtype, whether the residual is ours to overwrite, and each convolution's geometry."""
+        if (residual is None or len(steps) < 2 or torch.is_grad_enabled() or x.device.type != "cpu"
+                or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                or any(_trains(bn) for _, _, bn in steps)):
+            return None
+        dtype = compute_dtype(x)
+        if resolve_backend("conv_bn_act", self.backend, x.device, dtype) != "cpu":
+            return None
+        geometry = tuple((conv.stride, conv.padding, conv.dilation, conv.groups) for _, conv, _ in steps)
+        if any(isinstance(padding, str) for _, padding, _, _ in geometry):
+            return None
+        return (x.shape, x.stride(), x.dtype, dtype, residual.shape, residual.stride(), residual.dtype,
+                residual.device, owns_residual, geometry)
+
+    def _eval_chain(self, x: torch.Tensor, steps, residual: torch.Tensor, owns_residual: bool, inputs):
+        """relu(bn(conv(...)) + residual) of a block's steps in inference as one conv_bn_act_chain_into_residual
+        call, for an input signature (_chain_signature) whose steps ran one by one before: their ops checked it, and
+        each step's weights are cached (folded, and prepacked where oneDNN runs the conv) for the input that step
+        had then, `inputs[i]` (shape, strides). Each step's Python around its op call costs more in a model than
+        its checks (README, "One call per block in inference"). None when a cache entry is not that one any more
+        (a weight changed, or another input signature was prepacked for since): the caller runs the steps again."""
+        dtype = compute_dtype(x)
+        weights, biases, geometry = [], [], []
+        for (key, conv, bn), signature in zip(steps, inputs):
+            folded = self._folded(key, conv, bn, dtype)
+            entry = self._fold_cache.get((key, dtype))
+            if entry is None or entry[1] is not folded or len(entry) < 3 or entry[2][0] != signature:
+                return None
+            weight, bias = folded
+            if weight.device != x.device:
+                return None
+            weights.append(weight if entry[2][1] is None else entry[2][1])
+            biases.append(bias)
+            geometry += [*conv.stride, *conv.padding, *conv.dilation, conv.groups]
+        x, cast = _cast(x, dtype), _cast(residual, dtype)
+        fmt = output_memory_format(x)
+        out = cast if (owns_residual or cast is not residual) and cast.is_contiguous(memory_format=fmt) \
+            else cast.clone(memory_format=fmt)
+        torch.ops.resnet_fused.conv_bn_act_chain_into_residual.default(x, weights, biases, geometry, out, True)
+        return out
 
     def _recomputed_tail(self, y: torch.Tensor, bn: _BatchNorm, conv: nn.Conv2d, bn2: _BatchNorm,
                          residual: torch.Tensor | None, relu: bool, recompute: bool = True) -> torch.Tensor:
@@ -418,6 +480,7 @@ def init_fused_state(module: nn.Module, backend: str | None) -> None:
     module.backend = backend
     module.process_group = None
     module._fold_cache = {}
+    module._chains = {}  # see FusedModule._eval_chain
     module.register_load_state_dict_post_hook(_clear_after_load)
 
 

@@ -193,5 +193,6 @@ def register_formulas(qualname: str) -> None:
 
 if library_loaded("_C"):
     register_formulas("resnet_fused::conv_bn_act")
-    # Mutates its residual and returns nothing: nothing to fake but the absence of an output.
+    # Mutate their residual and return nothing: nothing to fake but the absence of an output.
     torch.library.register_fake("resnet_fused::conv_bn_act_into_residual")(lambda *args: None)
+    torch.library.register_fake("resnet_fused::conv_bn_act_chain_into_residual")(lambda *args: None)

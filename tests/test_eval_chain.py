@@ -1,0 +1,184 @@
+"""One call per block in inference (FusedModule._eval_chain): on the cpu backend, a block whose input signature ran
+through its steps one by one before runs its main path as one conv_bn_act_chain_into_residual call. The chain must
+give what the steps give (bit for bit: the same kernels), see every weight change the fold cache sees, never write
+into an input the block does not own, and stay out where it does not apply."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from samples import OpRecorder, backends_for
+from torch import nn
+
+import resnet_fused as rf
+
+CHAIN = torch.ops.resnet_fused.conv_bn_act_chain_into_residual.default
+STEP_OPS = (torch.ops.resnet_fused.conv_bn_act.default, torch.ops.resnet_fused.conv_bn_act_into_residual.default)
+
+
+@pytest.fixture(autouse=True)
+def needs_the_cpu_backend():
+    if "cpu" not in backends_for("conv_bn_act", "cpu"):
+        pytest.skip("the cpu backend is not available here")
+
+
+def randomized(module: nn.Module) -> nn.Module:
+    """BN statistics and affine parameters away from the identity, so a stale fold shows."""
+    torch.manual_seed(1)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    return module
+
+
+def block_pair(kind: str, downsample: bool):
+    """(fused block, torchvision's) in eval mode, channels_last, with the same weights."""
+    torch.manual_seed(0)
+    cls = torchvision.models.resnet.Bottleneck if kind == "bottleneck" else torchvision.models.resnet.BasicBlock
+    planes, inplanes = 8, 8 * cls.expansion
+    down = nn.Sequential(nn.Conv2d(inplanes, planes * cls.expansion, 1, 2, bias=False),
+                         nn.BatchNorm2d(planes * cls.expansion)) if downsample else None
+    reference = randomized(cls(inplanes, planes, 2 if downsample else 1, down)).eval()
+    reference = reference.to(memory_format=torch.channels_last)
+    fused = rf.fuse(nn.Sequential(copy.deepcopy(reference)), backend="cpu")[0]
+    assert isinstance(fused, rf.nn.FusedModule)
+    return fused, reference
+
+
+def run(block, x, **kwargs):
+    with torch.no_grad(), OpRecorder() as ops:
+        out = block(x, **kwargs)
+    return out, ops.seen
+
+
+# (dtype, memory format): oneDNN's float32 and bf16 paths in channels_last, ATen's convolution in float64 NCHW
+CONFIGS = [(torch.float32, torch.channels_last), (torch.bfloat16, torch.channels_last),
+           (torch.float64, torch.contiguous_format)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["float32-nhwc", "bf16-autocast-nhwc", "float64-nchw"])
+@pytest.mark.parametrize("downsample", [False, True], ids=["identity", "downsample"])
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_second_call_is_one_chain_call_equal_to_the_steps(kind, downsample, config):
+    dtype, memory_format = config
+    fused, reference = block_pair(kind, downsample)
+    if dtype == torch.float64:
+        fused, reference = fused.double(), reference.double()
+    x = torch.randn(2, fused.conv1.in_channels, 9, 9, dtype=torch.float64 if dtype == torch.float64 else None)
+    x = x.contiguous(memory_format=memory_format)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        first, first_ops = run(fused, x)
+        second, second_ops = run(fused, x)
+        with torch.no_grad():
+            expected = reference(x)
+    assert CHAIN not in first_ops and second_ops.count(CHAIN) == 1
+    # the main path's steps are gone from the second call; a downsample branch keeps its own conv_bn_act
+    assert sum(op in STEP_OPS for op in second_ops) == int(downsample)
+    assert torch.equal(first, second) and second.is_contiguous(memory_format=memory_format)
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float64: 1e-10}[dtype]
+    torch.testing.assert_close(second.double(), expected.double(), rtol=tolerance, atol=tolerance)
+
+
+def test_the_chain_sees_every_weight_change():
+    """In-place writes to a conv weight and to BN statistics, and load_state_dict, between chain calls."""
+    fused, reference = block_pair("bottleneck", downsample=False)
+    x = torch.randn(2, 32, 9, 9).to(memory_format=torch.channels_last)
+    run(fused, x)
+    changes = [
+        lambda m: m.conv2.weight.mul_(1.5),
+        lambda m: m.bn3.running_mean.add_(0.3),
+        lambda m: m.bn1.weight.mul_(-1.0),
+    ]
+    for change in changes:
+        for model in (fused, reference):
+            with torch.no_grad():
+                change(model)
+        out, ops = run(fused, x)
+        with torch.no_grad():
+            torch.testing.assert_close(out, reference(x), rtol=1e-4, atol=1e-4)
+    other = randomized(copy.deepcopy(reference))
+    with torch.no_grad():
+        other.conv1.weight.normal_()
+    for model in (fused, reference):
+        model.load_state_dict(other.state_dict())
+    for _ in range(2):  # the first call after the load refolds, the second chains again
+        out, ops = run(fused, x)
+        with torch.no_grad():
+            torch.testing.assert_close(out, reference(x), rtol=1e-4, atol=1e-4)
+    assert CHAIN in ops
+
+
+def test_alternating_input_shapes():
+    """Two input signatures in turn: each chains with the weights prepacked for it, or runs the steps again."""
+    fused, reference = block_pair("bottleneck", downsample=False)
+    inputs = [torch.randn(n, 32, size, size).to(memory_format=torch.channels_last) for n, size in ((2, 9), (3, 40))]
+    for _ in range(3):
+        for x in inputs:
+            out, _ = run(fused, x)
+            with torch.no_grad():
+                torch.testing.assert_close(out, reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_an_input_the_block_does_not_own_is_left_alone():
+    """Called on its own, a block must not write into x (its identity shortcut); with reuse_input=True it may."""
+    fused, _ = block_pair("bottleneck", downsample=False)
+    x = torch.randn(2, 32, 9, 9).to(memory_format=torch.channels_last)
+    kept = x.clone()
+    for _ in range(3):
+        out, ops = run(fused, x)
+        assert torch.equal(x, kept) and out.data_ptr() != x.data_ptr()
+    assert CHAIN in ops
+    given = x.clone()
+    run(fused, given, reuse_input=True)
+    out, ops = run(fused, given, reuse_input=True)
+    assert CHAIN in ops and out.data_ptr() == given.data_ptr()
+
+
+@pytest.mark.parametrize("case", ["grad", "train", "compile"])
+def test_not_used_where_it_does_not_apply(case):
+    fused, _ = block_pair("bottleneck", downsample=False)
+    x = torch.randn(2, 32, 9, 9).to(memory_format=torch.channels_last)
+    if case == "grad":  # autograd records each step's op
+        for _ in range(2):
+            with OpRecorder() as recorder:
+                fused(x.requires_grad_())
+        ops = recorder.seen
+    elif case == "train":
+        fused.train()
+        for _ in range(2):
+            out, ops = run(fused, x)
+    else:
+        compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+        for _ in range(2):
+            with torch.no_grad():
+                compiled(x)
+        ops = run(fused, x)[1]  # eager after compiling: the compiled calls recorded no chain signature
+        assert CHAIN not in ops
+        return
+    assert CHAIN not in ops
+
+
+def test_op_checks_and_opcheck():
+    x = torch.randn(1, 8, 6, 6).to(memory_format=torch.channels_last)
+    weights = [torch.randn(8, 8, 3, 3), torch.randn(8, 8, 1, 1)]
+    biases = [torch.randn(8), None]
+    geometry = [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1]
+    residual = torch.randn(1, 8, 6, 6).to(memory_format=torch.channels_last)
+    expected = torch.relu(torch.nn.functional.conv2d(
+        torch.relu(torch.nn.functional.conv2d(x, weights[0], biases[0], 1, 1)), weights[1]) + residual)
+    out = residual.clone()
+    CHAIN(x, weights, biases, geometry, out, True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(CHAIN, (x, weights, biases, geometry, residual.clone(), True))
+    with pytest.raises(ValueError, match="2 weights but 1 biases"):
+        CHAIN(x, weights, biases[:1], geometry, residual.clone(), True)
+    with pytest.raises(ValueError, match="7 ints per convolution"):
+        CHAIN(x, weights, biases, geometry[:-1], residual.clone(), True)
+    with pytest.raises(ValueError, match="at least one weight"):
+        CHAIN(x, [], [], [], residual.clone(), True)
+    with pytest.raises(RuntimeError, match="residual must have the output's shape"):
+        CHAIN(x, weights, biases, geometry, torch.randn(1, 8, 5, 5), True)
