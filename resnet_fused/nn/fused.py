@@ -241,13 +241,14 @@ class FusedModule(nn.Module):
 
     def _chain_signature(self, x: torch.Tensor, steps, residual: torch.Tensor | None, owns_residual: bool):
         """The key under which a block's main path in inference may run as one C++ call (_eval_chain), or None where
-        it may not: eager (not compiling or exporting), no autograd (grad mode off), every BN in eval mode, a
-        shortcut to add, x on the CPU with the cpu backend, convolutions with numeric padding. The key holds what
-        the ops' checks and the prepacked weights depend on: x's and the residual's shape, strides and dtype, the
-        compute dtype, whether the residual is ours to overwrite, and each convolution's geometry."""
+        it may not: eager (not compiling or exporting, no torch.func transform), no autograd (grad mode off), every
+        BN in eval mode, a shortcut to add, x on the CPU with the cpu backend, convolutions with numeric padding.
+        The key holds what the ops' checks and the prepacked weights depend on: x's and the residual's shape,
+        strides and dtype, the compute dtype, whether the residual is ours to overwrite, and each convolution's
+        geometry."""
         if (residual is None or len(steps) < 2 or torch.is_grad_enabled() or x.device.type != "cpu"
                 or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-                or any(_trains(bn) for _, _, bn in steps)):
+                or torch._C._are_functorch_transforms_active() or any(_trains(bn) for _, _, bn in steps)):
             return None
         dtype = compute_dtype(x)
         if resolve_backend("conv_bn_act", self.backend, x.device, dtype) != "cpu":
