@@ -1,8 +1,10 @@
 """The step every fused module runs: act(BN(conv(x)) + residual), and the cache of folded weights.
 
 eval (the BN uses its running statistics): BN is folded into the conv (`fold_bn`) and the whole step is
-one `conv_bn_act` call. The folded weights are cached per (conv, BN) pair and compute dtype; an entry
-is used only while every tensor it was computed from is the same storage at the same version:
+one `conv_bn_act` call; a block's steps in inference become one `conv_bn_act_chain_into_residual` call once
+their input signature has run through them one by one (`_eval_chain`). The folded weights are cached per
+(conv, BN) pair and compute dtype; an entry is used only while every tensor it was computed from is the same
+storage at the same version:
 
     stamp = (bn.eps, (data_ptr, _version) of conv.weight, conv.bias, bn.weight, bn.bias,
              bn.running_mean, bn.running_var, bn.num_batches_tracked)
