@@ -68,7 +68,8 @@ def test_second_call_is_one_chain_call_equal_to_the_steps(kind, downsample, conf
     fused, reference = block_pair(kind, downsample)
     if dtype == torch.float64:
         fused, reference = fused.double(), reference.double()
-    x = torch.randn(2, fused.conv1.in_channels, 9, 9, dtype=torch.float64 if dtype == torch.float64 else None)
+    # 64x64: every conv output holds at least the 16K values above which oneDNN runs it (with prepacked weights)
+    x = torch.randn(2, fused.conv1.in_channels, 64, 64, dtype=torch.float64 if dtype == torch.float64 else None)
     x = x.contiguous(memory_format=memory_format)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         first, first_ops = run(fused, x)
@@ -79,6 +80,10 @@ def test_second_call_is_one_chain_call_equal_to_the_steps(kind, downsample, conf
     # the main path's steps are gone from the second call; a downsample branch keeps its own conv_bn_act
     assert sum(op in STEP_OPS for op in second_ops) == int(downsample)
     assert torch.equal(first, second) and second.is_contiguous(memory_format=memory_format)
+    # oneDNN with every weight prepacked in float32 and bf16; float64 runs ATen's convolution on plain weights
+    packed = [len(entry) == 3 and entry[2][1] is not None for entry in fused._fold_cache.values()]
+    assert len(packed) == (3 if kind == "bottleneck" else 2) + int(downsample)
+    assert all(packed) if dtype != torch.float64 else not any(packed)
     tolerance = {torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float64: 1e-10}[dtype]
     torch.testing.assert_close(second.double(), expected.double(), rtol=tolerance, atol=tolerance)
 
@@ -86,7 +91,7 @@ def test_second_call_is_one_chain_call_equal_to_the_steps(kind, downsample, conf
 def test_the_chain_sees_every_weight_change():
     """In-place writes to a conv weight and to BN statistics, and load_state_dict, between chain calls."""
     fused, reference = block_pair("bottleneck", downsample=False)
-    x = torch.randn(2, 32, 9, 9).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 32, 40, 40).to(memory_format=torch.channels_last)  # large enough for prepacked weights
     run(fused, x)
     changes = [
         lambda m: m.conv2.weight.mul_(1.5),
