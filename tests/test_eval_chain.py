@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 from samples import OpRecorder, backends_for
+from test_nn import randomize_bn
 from torch import nn
 
 import resnet_fused as rf
@@ -22,19 +23,6 @@ def needs_the_cpu_backend():
         pytest.skip("the cpu backend is not available here")
 
 
-def randomized(module: nn.Module) -> nn.Module:
-    """BN statistics and affine parameters away from the identity, so a stale fold shows."""
-    torch.manual_seed(1)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-    return module
-
-
 def block_pair(kind: str, downsample: bool):
     """(fused block, torchvision's) in eval mode, channels_last, with the same weights."""
     torch.manual_seed(0)
@@ -42,7 +30,7 @@ def block_pair(kind: str, downsample: bool):
     planes, inplanes = 8, 8 * cls.expansion
     down = nn.Sequential(nn.Conv2d(inplanes, planes * cls.expansion, 1, 2, bias=False),
                          nn.BatchNorm2d(planes * cls.expansion)) if downsample else None
-    reference = randomized(cls(inplanes, planes, 2 if downsample else 1, down)).eval()
+    reference = randomize_bn(cls(inplanes, planes, 2 if downsample else 1, down)).eval()
     reference = reference.to(memory_format=torch.channels_last)
     fused = rf.fuse(nn.Sequential(copy.deepcopy(reference)), backend="cpu")[0]
     assert isinstance(fused, rf.nn.FusedModule)
@@ -105,7 +93,7 @@ def test_the_chain_sees_every_weight_change():
         out, ops = run(fused, x)
         with torch.no_grad():
             torch.testing.assert_close(out, reference(x), rtol=1e-4, atol=1e-4)
-    other = randomized(copy.deepcopy(reference))
+    other = randomize_bn(copy.deepcopy(reference))
     with torch.no_grad():
         other.conv1.weight.normal_()
     for model in (fused, reference):

@@ -4,7 +4,8 @@
 // conv_bn_act_into_residual is the same computation written into the residual's own buffer, for callers that
 // own it (a ResNet's blocks in inference): no copy of the residual. conv_bn_act_chain_into_residual runs a
 // block's main path, conv_bn_act steps ending in conv_bn_act_into_residual, as one call. The weight may be
-// prepacked into oneDNN's blocked layout (mkldnn::_reorder_convolution_weight, an MKLDNN tensor), which saves the reorder on every call.
+// prepacked into oneDNN's blocked layout (mkldnn::_reorder_convolution_weight, an MKLDNN tensor), which saves the
+// reorder on every call.
 // Anything else runs ATen's convolution, then the whole epilogue in one vectorized pass over the output.
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>

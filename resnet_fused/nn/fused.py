@@ -211,7 +211,8 @@ class FusedModule(nn.Module):
         if len(steps) < 2 or not self._recomputes(x, norms, next_convs):
             chain = self._chain_signature(x, steps, residual, owns_residual)
             if chain is not None and chain in self._chains:
-                out = self._eval_chain(x, steps, residual, owns_residual, self._chains[chain])
+                dtype = chain[3]  # the compute dtype, part of the key
+                out = self._eval_chain(x, dtype, steps, residual, owns_residual, *self._chains[chain])
                 if out is not None:
                     return out
             inputs = []  # each step's input signature, for _eval_chain
@@ -224,7 +225,10 @@ class FusedModule(nn.Module):
             if chain is not None:
                 if len(self._chains) >= 16:  # inputs whose shapes never repeat cannot grow it
                     self._chains.clear()
-                self._chains[chain] = inputs
+                # The op's geometry argument, flattened once from the key's per-conv tuples.
+                geometry = [n for stride, padding, dilation, groups in chain[-1]
+                            for n in (*stride, *padding, *dilation, groups)]
+                self._chains[chain] = (inputs, geometry)
             return out
         y = self._conv(x, steps[0][1])  # a conv output whose BN + ReLU is still to run
         # The last BN + ReLU, conv and BN run as one op (one autograd node less: each costs tens of microseconds of
@@ -261,15 +265,16 @@ class FusedModule(nn.Module):
         return (x.shape, x.stride(), x.dtype, dtype, residual.shape, residual.stride(), residual.dtype,
                 residual.device, owns_residual, geometry)
 
-    def _eval_chain(self, x: torch.Tensor, steps, residual: torch.Tensor, owns_residual: bool, inputs):
-        """relu(bn(conv(...)) + residual) of a block's steps in inference as one conv_bn_act_chain_into_residual
-        call, for an input signature (_chain_signature) whose steps ran one by one before: their ops checked it, and
-        each step's weights are cached (folded, and prepacked where oneDNN runs the conv) for the input that step
-        had then, `inputs[i]` (shape, strides). Each step's Python around its op call costs more in a model than
-        its checks (README, "One call per block in inference"). None when a cache entry is not that one any more
-        (a weight changed, or another input signature was prepacked for since): the caller runs the steps again."""
-        dtype = compute_dtype(x)
-        weights, biases, geometry = [], [], []
+    def _eval_chain(self, x: torch.Tensor, dtype: torch.dtype, steps, residual: torch.Tensor, owns_residual: bool,
+                    inputs, geometry):
+        """relu(bn(conv(...)) + residual) of a block's steps in inference, in compute dtype `dtype`, as one
+        conv_bn_act_chain_into_residual call, for an input signature (_chain_signature) whose steps ran one by one
+        before: their ops checked it, and each step's weights are cached (folded, and prepacked where oneDNN runs
+        the conv) for the input that step had then, `inputs[i]` (shape, strides); `geometry` is the op's argument
+        (7 ints a conv), recorded then too. Each step's Python around its op call costs more in a model than its
+        checks (README, "One call per block in inference"). None when a cache entry is not that one any more (a
+        weight changed, or another input signature was prepacked for since): the caller runs the steps again."""
+        weights, biases = [], []
         for (key, conv, bn), signature in zip(steps, inputs):
             folded = self._folded(key, conv, bn, dtype)
             entry = self._fold_cache.get((key, dtype))
@@ -280,7 +285,6 @@ class FusedModule(nn.Module):
                 return None
             weights.append(weight if entry[2][1] is None else entry[2][1])
             biases.append(bias)
-            geometry += [*conv.stride, *conv.padding, *conv.dilation, conv.groups]
         x, cast = _cast(x, dtype), _cast(residual, dtype)
         fmt = output_memory_format(x)
         out = cast if (owns_residual or cast is not residual) and cast.is_contiguous(memory_format=fmt) \
