@@ -14,10 +14,14 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "conv_bn_act_into_residual(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) residual, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool relu) -> ()");
-  // A block's main path in inference as one call: y = conv_bn_act(y, weights[i], biases[i], relu) for every
-  // convolution but the last (ReLU, no residual), then the last written into the residual's buffer as
-  // conv_bn_act_into_residual writes it. `geometry` holds 7 ints per convolution: stride, padding and dilation as
-  // (height, width) pairs, then groups. One call from Python instead of one per convolution (nn/fused.py).
+  // conv_bn_act steps in inference as one call (a block's main path, or a module's single step): y =
+  // conv_bn_act(y, weights[i], biases[i], relu=true) for every convolution but the last, which adds the residual
+  // (when given) and applies ReLU when `relu`. `geometry` holds 7 ints per convolution: stride, padding and dilation
+  // as (height, width) pairs, then groups. One call from Python instead of one per convolution (nn/fused.py).
+  m.def(
+      "conv_bn_act_chain(Tensor x, Tensor[] weights, Tensor?[] biases, int[] geometry, Tensor? residual, "
+      "bool relu) -> Tensor");
+  // The same, the last convolution written into the residual's buffer as conv_bn_act_into_residual writes it.
   m.def(
       "conv_bn_act_chain_into_residual(Tensor x, Tensor[] weights, Tensor?[] biases, int[] geometry, "
       "Tensor(a!) residual, bool relu) -> ()");

@@ -2,8 +2,9 @@
 // support), it runs as one oneDNN primitive with the bias, the residual add and the ReLU as post-ops,
 // through the mkldnn ops that Inductor's CPU backend calls: the epilogue costs no pass over the output.
 // conv_bn_act_into_residual is the same computation written into the residual's own buffer, for callers that
-// own it (a ResNet's blocks in inference): no copy of the residual. conv_bn_act_chain_into_residual runs a
-// block's main path, conv_bn_act steps ending in conv_bn_act_into_residual, as one call. The weight may be
+// own it (a ResNet's blocks in inference): no copy of the residual. conv_bn_act_chain runs conv_bn_act steps (a
+// block's main path, or a module's single step) as one call, and conv_bn_act_chain_into_residual the same ending
+// in conv_bn_act_into_residual. The weight may be
 // prepacked into oneDNN's blocked layout (mkldnn::_reorder_convolution_weight, an MKLDNN tensor), which saves the
 // reorder on every call.
 // Anything else runs ATen's convolution, then the whole epilogue in one vectorized pass over the output.
@@ -195,29 +196,50 @@ void conv_bn_act_into_residual(
   epilogue(plan, aten_conv(plan, weight, stride, padding, dilation, groups), residual, relu, residual);
 }
 
-void conv_bn_act_chain_into_residual(const at::Tensor& x, at::TensorList weights,
-                                     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef geometry,
-                                     at::Tensor& residual, bool relu) {
+namespace {
+
+// The steps of a chain but the last: y = conv_bn_act(y, weights[i], biases[i], relu=true), after checking the
+// arguments; returns y and leaves the last convolution's geometry in `last` (stride, padding, dilation pairs, then
+// groups).
+at::Tensor run_chain_head(const char* op, const at::Tensor& x, at::TensorList weights,
+                          const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef geometry,
+                          at::IntArrayRef& last) {
   constexpr int64_t kPerConv = 7;  // stride, padding, dilation (pairs), groups
   const int64_t convs = static_cast<int64_t>(weights.size());
-  TORCH_CHECK_VALUE(convs >= 1, "conv_bn_act_chain_into_residual: needs at least one weight");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(biases.size()) == convs, "conv_bn_act_chain_into_residual: ", convs,
-                    " weights but ", biases.size(), " biases (None for a convolution without one)");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(geometry.size()) == kPerConv * convs,
-                    "conv_bn_act_chain_into_residual: geometry holds 7 ints per convolution (stride, padding and "
-                    "dilation as pairs, then groups): ", kPerConv * convs, " for ", convs, " weights, got ",
-                    geometry.size());
-  // Convolution i's stride, padding and dilation pairs and groups.
-  auto conv_args = [&](int64_t i) { return geometry.slice(kPerConv * i, kPerConv); };
+  TORCH_CHECK_VALUE(convs >= 1, op, ": needs at least one weight");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(biases.size()) == convs, op, ": ", convs, " weights but ", biases.size(),
+                    " biases (None for a convolution without one)");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(geometry.size()) == kPerConv * convs, op,
+                    ": geometry holds 7 ints per convolution (stride, padding and dilation as pairs, then groups): ",
+                    kPerConv * convs, " for ", convs, " weights, got ", geometry.size());
   at::Tensor y = x;
   for (int64_t i = 0; i + 1 < convs; ++i) {
-    const at::IntArrayRef g = conv_args(i);
+    const at::IntArrayRef g = geometry.slice(kPerConv * i, kPerConv);
     y = conv_bn_act(y, weights[i], biases.get(i), std::nullopt, g.slice(0, 2), g.slice(2, 2), g.slice(4, 2), g[6],
                     /*relu=*/true);
   }
-  const at::IntArrayRef g = conv_args(convs - 1);
-  conv_bn_act_into_residual(y, weights[convs - 1], biases.get(convs - 1), residual, g.slice(0, 2), g.slice(2, 2),
-                            g.slice(4, 2), g[6], relu);
+  last = geometry.slice(kPerConv * (convs - 1), kPerConv);
+  return y;
+}
+
+}  // namespace
+
+at::Tensor conv_bn_act_chain(const at::Tensor& x, at::TensorList weights,
+                             const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef geometry,
+                             const std::optional<at::Tensor>& residual, bool relu) {
+  at::IntArrayRef g;
+  const at::Tensor y = run_chain_head("conv_bn_act_chain", x, weights, biases, geometry, g);
+  return conv_bn_act(y, weights.back(), biases.get(weights.size() - 1), residual, g.slice(0, 2), g.slice(2, 2),
+                     g.slice(4, 2), g[6], relu);
+}
+
+void conv_bn_act_chain_into_residual(const at::Tensor& x, at::TensorList weights,
+                                     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef geometry,
+                                     at::Tensor& residual, bool relu) {
+  at::IntArrayRef g;
+  const at::Tensor y = run_chain_head("conv_bn_act_chain_into_residual", x, weights, biases, geometry, g);
+  conv_bn_act_into_residual(y, weights.back(), biases.get(weights.size() - 1), residual, g.slice(0, 2),
+                            g.slice(2, 2), g.slice(4, 2), g[6], relu);
 }
 
 }  // namespace resnet_fused::cpu

@@ -19,6 +19,9 @@ void conv_bn_act_into_residual(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::Tensor& residual,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu);
 
+at::Tensor conv_bn_act_chain(const at::Tensor& x, at::TensorList weights,
+                             const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef geometry,
+                             const std::optional<at::Tensor>& residual, bool relu);
 void conv_bn_act_chain_into_residual(const at::Tensor& x, at::TensorList weights,
                                      const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef geometry,
                                      at::Tensor& residual, bool relu);

@@ -6,6 +6,7 @@
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("conv_bn_act", &resnet_fused::cpu::conv_bn_act);
   m.impl("conv_bn_act_into_residual", &resnet_fused::cpu::conv_bn_act_into_residual);
+  m.impl("conv_bn_act_chain", &resnet_fused::cpu::conv_bn_act_chain);
   m.impl("conv_bn_act_chain_into_residual", &resnet_fused::cpu::conv_bn_act_chain_into_residual);
   m.impl("bn_act", &resnet_fused::cpu::bn_act);
   m.impl("bn_act_backward", &resnet_fused::cpu::bn_act_backward);
@@ -19,5 +20,6 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
 TORCH_LIBRARY_IMPL(resnet_fused, MkldnnCPU, m) {
   m.impl("conv_bn_act", &resnet_fused::cpu::conv_bn_act);
   m.impl("conv_bn_act_into_residual", &resnet_fused::cpu::conv_bn_act_into_residual);
+  m.impl("conv_bn_act_chain", &resnet_fused::cpu::conv_bn_act_chain);
   m.impl("conv_bn_act_chain_into_residual", &resnet_fused::cpu::conv_bn_act_chain_into_residual);
 }

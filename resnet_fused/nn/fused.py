@@ -1,8 +1,8 @@
 """The step every fused module runs: act(BN(conv(x)) + residual), and the cache of folded weights.
 
 eval (the BN uses its running statistics): BN is folded into the conv (`fold_bn`) and the whole step is
-one `conv_bn_act` call; a block's steps in inference become one `conv_bn_act_chain_into_residual` call once
-their input signature has run through them one by one (`_eval_chain`). The folded weights are cached per
+one `conv_bn_act` call; a block's steps (or a module's single step) in inference become one `conv_bn_act_chain`
+call once their input signature has run through them one by one (`_eval_chain`). The folded weights are cached per
 (conv, BN) pair and compute dtype; an entry is used only while every tensor it was computed from is the same
 storage at the same version:
 
@@ -176,7 +176,14 @@ class FusedModule(nn.Module):
     def _conv_bn(self, key: str, x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
                  residual: torch.Tensor | None = None, relu: bool = True, owns_residual: bool = False) -> torch.Tensor:
         """act(bn(conv(x)) + residual), with bn in the state it is in (its own .training). `owns_residual`: the
-        caller never reads `residual` again, so inference on the cpu backend may write the output into it."""
+        caller never reads `residual` again, so inference on the cpu backend may write the output into it. A step of
+        its own (_conv_bn_steps): in inference, one conv_bn_act_chain call once its input signature has run."""
+        return self._conv_bn_steps(x, [(key, conv, bn)], residual, owns_residual=owns_residual, relu=relu)
+
+    def _conv_bn_step(self, key: str, x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module,
+                      residual: torch.Tensor | None = None, relu: bool = True,
+                      owns_residual: bool = False) -> torch.Tensor:
+        """_conv_bn through the public ops, which check their arguments: one step of _conv_bn_steps."""
         if _trains(bn):
             return self._batch_norm(self._conv(x, conv), bn, _cast(residual, compute_dtype(x)), relu)
         dtype = compute_dtype(x)
@@ -200,28 +207,31 @@ class FusedModule(nn.Module):
                 and resolve_backend("conv_bn_act", self.backend, x.device, x.dtype) == "cpu")
 
     def _conv_bn_steps(self, x: torch.Tensor, steps, residual: torch.Tensor | None,
-                       low_memory: bool = False, owns_residual: bool = False) -> torch.Tensor:
+                       low_memory: bool = False, owns_residual: bool = False, relu: bool = True) -> torch.Tensor:
         """A block's main path: relu(bn(conv(x))) through `steps`, [(key, conv, bn), ...], the last step adding
-        `residual` before its ReLU (into `residual` itself in inference, when the caller `owns_residual`). In
-        training, each BN + ReLU that feeds another conv runs inside that conv's op (bn_relu_conv), which keeps
-        the BN input rather than the ReLU output for the backward; the last conv and BN run in the op of the BN +
-        ReLU before them as well (bn_relu_conv_bn_act), which with `low_memory` recomputes the last conv's output
-        in the backward instead of keeping it."""
-        norms, next_convs = [bn for _, _, bn in steps], [conv for _, conv, _ in steps[1:]]
-        if len(steps) < 2 or not self._recomputes(x, norms, next_convs):
-            chain = self._chain_signature(x, steps, residual, owns_residual)
+        `residual` before its ReLU (`relu`: whether it has one), into `residual` itself in inference when the caller
+        `owns_residual`. In inference, once an input signature has run through the steps one by one, one C++ call
+        (_eval_chain). In training, each BN + ReLU that feeds another conv runs inside that conv's op
+        (bn_relu_conv), which keeps the BN input rather than the ReLU output for the backward; the last conv and BN
+        run in the op of the BN + ReLU before them as well (bn_relu_conv_bn_act), which with `low_memory`
+        recomputes the last conv's output in the backward instead of keeping it."""
+        norms = next_convs = None  # built only where there are two steps or more: a single step is common
+        if len(steps) >= 2:
+            norms, next_convs = [bn for _, _, bn in steps], [conv for _, conv, _ in steps[1:]]
+        if norms is None or not self._recomputes(x, norms, next_convs):
+            chain = self._chain_signature(x, steps, residual, owns_residual, relu)
             if chain is not None and chain in self._chains:
                 dtype = chain[3]  # the compute dtype, part of the key
-                out = self._eval_chain(x, dtype, steps, residual, owns_residual, *self._chains[chain])
+                out = self._eval_chain(x, dtype, steps, residual, owns_residual, relu, *self._chains[chain])
                 if out is not None:
                     return out
             inputs = []  # each step's input signature, for _eval_chain
             for key, conv, bn in steps[:-1]:
                 inputs.append((x.shape, x.stride()))
-                x = self._conv_bn(key, x, conv, bn)
+                x = self._conv_bn_step(key, x, conv, bn)
             key, conv, bn = steps[-1]
             inputs.append((x.shape, x.stride()))
-            out = self._conv_bn(key, x, conv, bn, residual, owns_residual=owns_residual)
+            out = self._conv_bn_step(key, x, conv, bn, residual, relu, owns_residual=owns_residual)
             if chain is not None:
                 if len(self._chains) >= 16:  # inputs whose shapes never repeat cannot grow it
                     self._chains.clear()
@@ -241,39 +251,44 @@ class FusedModule(nn.Module):
             y = bn_relu_conv(y, **self._training_bn_args(bn), conv_weight=_cast(conv.weight, y.dtype),
                              **_conv_args(conv))
         if not tail:
-            return self._batch_norm(y, norms[-1], _cast(residual, y.dtype), relu=True)
-        return self._recomputed_tail(y, norms[-2], next_convs[-1], norms[-1], residual, relu=True,
+            return self._batch_norm(y, norms[-1], _cast(residual, y.dtype), relu=relu)
+        return self._recomputed_tail(y, norms[-2], next_convs[-1], norms[-1], residual, relu=relu,
                                      recompute=low_memory)
 
-    def _chain_signature(self, x: torch.Tensor, steps, residual: torch.Tensor | None, owns_residual: bool):
-        """The key under which a block's main path in inference may run as one C++ call (_eval_chain), or None where
-        it may not: eager (not compiling or exporting, no torch.func transform), no autograd (grad mode off), every
-        BN in eval mode, a shortcut to add, x on the CPU with the cpu backend, convolutions with numeric padding.
-        The key holds what the ops' checks and the prepacked weights depend on: x's and the residual's shape,
-        strides and dtype, the compute dtype, whether the residual is ours to overwrite, and each convolution's
+    def _chain_signature(self, x: torch.Tensor, steps, residual: torch.Tensor | None, owns_residual: bool,
+                         relu: bool):
+        """The key under which conv + BN steps in inference may run as one C++ call (_eval_chain), or None where they
+        may not: eager (not compiling or exporting, no torch.func transform), no autograd (grad mode off), every BN
+        in eval mode, x on the CPU with the cpu backend, convolutions with numeric padding. The key holds what the
+        ops' checks and the prepacked weights depend on: the steps, x's and the residual's shape, strides and dtype,
+        the compute dtype, whether the residual is ours to overwrite, the last ReLU and each convolution's
         geometry."""
-        if (residual is None or len(steps) < 2 or torch.is_grad_enabled() or x.device.type != "cpu"
-                or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-                or torch._C._are_functorch_transforms_active() or any(_trains(bn) for _, _, bn in steps)):
+        # One loop rather than generator expressions: each of those costs about a microsecond, paid on every call.
+        if (torch.is_grad_enabled() or not x.is_cpu or torch.compiler.is_compiling()
+                or torch.compiler.is_exporting() or torch._C._are_functorch_transforms_active()):
             return None
+        keys, geometry = [], []
+        for key, conv, bn in steps:
+            if _trains(bn) or isinstance(conv.padding, str):
+                return None
+            keys.append(key)
+            geometry.append((conv.stride, conv.padding, conv.dilation, conv.groups))
         dtype = compute_dtype(x)
         if resolve_backend("conv_bn_act", self.backend, x.device, dtype) != "cpu":
             return None
-        geometry = tuple((conv.stride, conv.padding, conv.dilation, conv.groups) for _, conv, _ in steps)
-        if any(isinstance(padding, str) for _, padding, _, _ in geometry):
-            return None
-        return (x.shape, x.stride(), x.dtype, dtype, residual.shape, residual.stride(), residual.dtype,
-                residual.device, owns_residual, geometry)
+        shortcut = None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device)
+        return (x.shape, x.stride(), x.dtype, dtype, shortcut, owns_residual, relu, tuple(keys), tuple(geometry))
 
-    def _eval_chain(self, x: torch.Tensor, dtype: torch.dtype, steps, residual: torch.Tensor, owns_residual: bool,
-                    inputs, geometry):
-        """relu(bn(conv(...)) + residual) of a block's steps in inference, in compute dtype `dtype`, as one
-        conv_bn_act_chain_into_residual call, for an input signature (_chain_signature) whose steps ran one by one
-        before: their ops checked it, and each step's weights are cached (folded, and prepacked where oneDNN runs
-        the conv) for the input that step had then, `inputs[i]` (shape, strides); `geometry` is the op's argument
-        (7 ints a conv), recorded then too. Each step's Python around its op call costs more in a model than its
-        checks (README, "One call per block in inference"). None when a cache entry is not that one any more (a
-        weight changed, or another input signature was prepacked for since): the caller runs the steps again."""
+    def _eval_chain(self, x: torch.Tensor, dtype: torch.dtype, steps, residual: torch.Tensor | None,
+                    owns_residual: bool, relu: bool, inputs, geometry):
+        """act(bn(conv(...)) + residual) of conv + BN steps in inference, in compute dtype `dtype`, as one
+        conv_bn_act_chain call (conv_bn_act_chain_into_residual where the residual is ours to overwrite), for an input
+        signature (_chain_signature) whose steps ran one by one before: their ops checked it, and each step's weights
+        are cached (folded, and prepacked where oneDNN runs the conv) for the input that step had then, `inputs[i]`
+        (shape, strides); `geometry` is the op's argument (7 ints a conv), recorded then too. Each step's Python
+        around its op call costs more in a model than its checks (README, "One call per block in inference"). None
+        when a cache entry is not that one any more (a weight changed, or another input signature was prepacked for
+        since): the caller runs the steps again."""
         weights, biases = [], []
         for (key, conv, bn), signature in zip(steps, inputs):
             folded = self._folded(key, conv, bn, dtype)
@@ -286,11 +301,11 @@ class FusedModule(nn.Module):
             weights.append(weight if entry[2][1] is None else entry[2][1])
             biases.append(bias)
         x, cast = _cast(x, dtype), _cast(residual, dtype)
-        fmt = output_memory_format(x)
-        out = cast if (owns_residual or cast is not residual) and cast.is_contiguous(memory_format=fmt) \
-            else cast.clone(memory_format=fmt)
-        torch.ops.resnet_fused.conv_bn_act_chain_into_residual.default(x, weights, biases, geometry, out, True)
-        return out
+        if (cast is not None and (owns_residual or cast is not residual)
+                and cast.is_contiguous(memory_format=output_memory_format(x))):
+            torch.ops.resnet_fused.conv_bn_act_chain_into_residual.default(x, weights, biases, geometry, cast, relu)
+            return cast
+        return torch.ops.resnet_fused.conv_bn_act_chain.default(x, weights, biases, geometry, cast, relu)
 
     def _recomputed_tail(self, y: torch.Tensor, bn: _BatchNorm, conv: nn.Conv2d, bn2: _BatchNorm,
                          residual: torch.Tensor | None, relu: bool, recompute: bool = True) -> torch.Tensor:

@@ -160,6 +160,14 @@ def _fake(x, weight, bias, residual, stride, padding, dilation, groups, relu):
     return empty_output(x, conv_output_shape(x.shape, weight.shape, stride, padding, dilation))
 
 
+def _fake_chain(x, weights, biases, geometry, residual, relu):
+    shape = x.shape
+    for i, weight in enumerate(weights):  # geometry: 7 ints a convolution, see the schema (csrc/ops.cpp)
+        g = geometry[7 * i:7 * i + 7]
+        shape = conv_output_shape(shape, weight.shape, g[0:2], g[2:4], g[4:6])
+    return empty_output(x, shape)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, stride, padding, dilation, groups, relu = inputs
     ctx.save_for_backward(x, weight, output if relu else None)
@@ -193,6 +201,7 @@ def register_formulas(qualname: str) -> None:
 
 if library_loaded("_C"):
     register_formulas("resnet_fused::conv_bn_act")
+    torch.library.register_fake("resnet_fused::conv_bn_act_chain")(_fake_chain)
     # Mutate their residual and return nothing: nothing to fake but the absence of an output.
     torch.library.register_fake("resnet_fused::conv_bn_act_into_residual")(lambda *args: None)
     torch.library.register_fake("resnet_fused::conv_bn_act_chain_into_residual")(lambda *args: None)
