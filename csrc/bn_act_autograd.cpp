@@ -34,21 +34,29 @@ struct Options {
 
 enum Input : size_t { kX, kWeight, kBias, kResidual, kNumTensorInputs };
 
+// (x made dense, bn_act of it and of the residual made dense): the kernels take either memory format, densely. Below
+// the autograd keys: apply() turns grad mode off only, and bn_act's Python autograd wrapper must not run.
+std::pair<Tensor, autograd_node::BNActResult> dense_bn_act(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                           const std::optional<Tensor>& residual,
+                                                           const Options& options) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  Tensor dense_x = dense(x);
+  std::optional<Tensor> dense_residual;
+  if (residual.has_value()) {
+    dense_residual = dense(*residual);
+  }
+  auto result = bn_act(dense_x, weight, bias, dense_residual, options.running_mean, options.running_var,
+                       options.training, options.momentum, options.eps, options.relu);
+  return {std::move(dense_x), std::move(result)};
+}
+
 class BNAct : public torch::autograd::Function<BNAct> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
                                const std::optional<Tensor>& residual, const Options& options) {
     ctx->saved_data["edges"] = edge_numbers({true, true, true, residual.has_value()});
-    // apply() turns grad mode off only: skip the autograd keys, and so bn_act's Python autograd wrapper.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const Tensor dense_x = dense(x);  // the kernels take either memory format, densely
-    std::optional<Tensor> dense_residual;
-    if (residual.has_value()) {
-      dense_residual = dense(*residual);
-    }
-    auto [out, save_mean, save_invstd, new_mean, new_var] =
-        bn_act(dense_x, weight, bias, dense_residual, options.running_mean, options.running_var, options.training,
-               options.momentum, options.eps, options.relu);
+    auto [dense_x, result] = dense_bn_act(x, weight, bias, residual, options);
+    auto& [out, save_mean, save_invstd, new_mean, new_var] = result;
     // The output only for ReLU's mask: without ReLU (a downsample branch) keeping it would hold one more
     // activation until the backward, which the gradient kernels do not read.
     ctx->save_for_backward({dense_x, weight, save_mean, save_invstd, options.relu ? out : Tensor()});
@@ -94,10 +102,21 @@ Tensor bn_act_autograd(const Tensor& x, const Tensor& weight, const Tensor& bias
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
                     "running_mean and running_var must be given together");
   const bool tracked = running_mean.has_value();
-  const auto outputs = BNAct::apply(x, weight, bias, residual,
-                                    Options{tracked ? *running_mean : at::zeros_like(weight),
-                                            tracked ? *running_var : at::ones_like(weight), training, momentum, eps,
-                                            relu});
+  const Options options{tracked ? *running_mean : at::zeros_like(weight),
+                        tracked ? *running_var : at::ones_like(weight), training, momentum, eps, relu};
+  const bool records = at::GradMode::is_enabled() &&
+                       (x.requires_grad() || weight.requires_grad() || bias.requires_grad() ||
+                        (residual.has_value() && residual->requires_grad()));
+  variable_list outputs;
+  if (records) {
+    outputs = BNAct::apply(x, weight, bias, residual, options);
+  } else {
+    // No gradient to record (inference, or under no_grad): the op alone, without the Function's context (saved
+    // tensors, saved_data entries), which costs microseconds a call on a small tensor (README, "Autograd nodes in
+    // C++").
+    const auto result = dense_bn_act(x, weight, bias, residual, options).second;
+    outputs = {std::get<0>(result), std::get<3>(result), std::get<4>(result)};
+  }
   if (training && tracked) {
     at::NoGradGuard no_grad;
     running_mean->copy_(outputs[1]);

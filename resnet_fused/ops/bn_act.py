@@ -35,8 +35,9 @@ def _filled(t, channels: int, fill: float, dtype: torch.dtype, device) -> torch.
     return t if t is not None else torch.full((channels,), fill, dtype=dtype, device=device)
 
 
-def _check_tensors(x, weight, bias, running_mean, running_var, residual, training: bool) -> torch.dtype:
-    """bn_act's checks of its tensors; returns the BN parameters' dtype (see _param_dtype)."""
+def _check_tensors(x, weight, bias, running_mean, running_var, residual, training: bool, local: bool) -> torch.dtype:
+    """bn_act's checks of its tensors; returns the BN parameters' dtype (see _param_dtype). `local`: the batch
+    statistics are x's own (no process group), so training needs more than one value per channel in x."""
     check_tensor(x, "x", 4)
     channels = x.shape[1]
     params = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
@@ -54,6 +55,8 @@ def _check_tensors(x, weight, bias, running_mean, running_var, residual, trainin
         raise ValueError("running_mean and running_var must be given together")
     if not training and running_mean is None:
         raise ValueError("eval mode (training=False) needs running_mean and running_var")
+    if training and local and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
     return param_dtype
 
 
@@ -89,7 +92,8 @@ def bn_act(x, weight, bias, running_mean, running_var, residual=None, *, trainin
             "momentum=1/num_batches_tracked, as nn.BatchNorm2d does"
         )
     tensors = (x, weight, bias, running_mean, running_var, residual)
-    param_dtype = _CHECKS(call_signature(tensors, training), *tensors, training)
+    local = process_group is None
+    param_dtype = _CHECKS(call_signature(tensors, training, local), *tensors, training, local)
     channels = x.shape[1]
     if training and process_group is not None:
         if not dist.is_available() or not dist.is_initialized():
@@ -98,9 +102,6 @@ def bn_act(x, weight, bias, running_mean, running_var, residual=None, *, trainin
         bias = bias if bias is not None else torch.zeros(channels, dtype=param_dtype, device=x.device)
         return SyncBNAct.apply(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu,
                                process_group, backend)
-    if training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
-
     name = resolve_backend("bn_act", backend, x.device, x.dtype)
     if name in ("cpu", "cuda") and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
                                         or torch._C._are_functorch_transforms_active()):
