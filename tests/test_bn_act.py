@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from samples import (BNCase, BN_CASES, BN_DTYPES, BN_DTYPE_IDS, MEMORY_FORMATS, assert_parity, backends_for,
@@ -213,6 +215,24 @@ def test_cpu_backend_records_a_cpp_autograd_node():
     case = BN_CASES[0]
     out = call(rf.bn_act, bn_sample(case, requires_grad=True), case, True, backend="cpu")
     assert "CppNode" in out.grad_fn.name() and "BNAct" in out.grad_fn.name()
+
+
+@pytest.mark.parametrize("how", ["no_grad", "no_input_requires_grad"])
+def test_cpu_backend_without_a_gradient_to_record_matches_the_recording_path(how):
+    """Without a gradient to record, bn_act_autograd runs the op without its C++ Function (whose context costs
+    microseconds a call): no autograd node, and the recording path's output and running statistics."""
+    skip_unless_runs("bn_act", "cpu", "cpu", torch.float32)
+    case = BN_CASES[0]
+    recorded = bn_sample(case, requires_grad=True)
+    plain = [None if t is None else t.detach().clone().requires_grad_(how == "no_grad" and t.requires_grad)
+             for t in recorded]
+    out_recorded = call(rf.bn_act, recorded, case, True, backend="cpu")
+    with torch.no_grad() if how == "no_grad" else contextlib.nullcontext():
+        out_plain = call(rf.bn_act, plain, case, True, backend="cpu")
+    assert out_recorded.grad_fn is not None and out_plain.grad_fn is None and not out_plain.requires_grad
+    assert torch.equal(out_plain, out_recorded.detach())
+    for i in (3, 4):  # the running statistics, updated in place by both
+        assert torch.equal(plain[i], recorded[i]) and not torch.equal(plain[i], bn_sample(case)[i])
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

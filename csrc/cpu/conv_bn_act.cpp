@@ -4,9 +4,8 @@
 // conv_bn_act_into_residual is the same computation written into the residual's own buffer, for callers that
 // own it (a ResNet's blocks in inference): no copy of the residual. conv_bn_act_chain runs conv_bn_act steps (a
 // block's main path, or a module's single step) as one call, and conv_bn_act_chain_into_residual the same ending
-// in conv_bn_act_into_residual. The weight may be
-// prepacked into oneDNN's blocked layout (mkldnn::_reorder_convolution_weight, an MKLDNN tensor), which saves the
-// reorder on every call.
+// in conv_bn_act_into_residual. The weight may be prepacked into oneDNN's blocked layout
+// (mkldnn::_reorder_convolution_weight, an MKLDNN tensor), which saves the reorder on every call.
 // Anything else runs ATen's convolution, then the whole epilogue in one vectorized pass over the output.
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
