@@ -291,12 +291,9 @@ class FusedModule(nn.Module):
         since): the caller runs the steps again."""
         weights, biases = [], []
         for (key, conv, bn), signature in zip(steps, inputs):
-            folded = self._folded(key, conv, bn, dtype)
-            entry = self._fold_cache.get((key, dtype))
-            if entry is None or entry[1] is not folded or len(entry) < 3 or entry[2][0] != signature:
-                return None
-            weight, bias = folded
-            if weight.device != x.device:
+            weight, bias = self._folded(key, conv, bn, dtype)
+            entry, recorded = self._prepack_entry(key, weight, signature)
+            if not recorded or weight.device != x.device:
                 return None
             weights.append(weight if entry[2][1] is None else entry[2][1])
             biases.append(bias)
@@ -440,6 +437,15 @@ class FusedModule(nn.Module):
         self._fold_cache[(key, dtype)] = (stamp, folded)
         return folded
 
+    def _prepack_entry(self, key: str, weight: torch.Tensor, signature):
+        """(entry, recorded): the fold cache's entry for `key` whose folded weight is `weight` (None when `weight` is
+        not the cached fold), and whether that entry holds the prepack decision (see _prepacked) for an input of
+        `signature` (shape, strides)."""
+        entry = self._fold_cache.get((key, weight.dtype))
+        if entry is None or entry[1][0] is not weight:
+            return None, False
+        return entry, len(entry) == 3 and entry[2][0] == signature
+
     def _prepacked(self, key: str, x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor) -> torch.Tensor:
         """The cached folded `weight`, prepacked into oneDNN's blocked layout for x's shape when the CPU backend's
         conv_bn_act will run it through oneDNN (see _onednn_runs): a plain weight costs a reorder per call, and a
@@ -447,13 +453,13 @@ class FusedModule(nn.Module):
         conv). Kept in the folded weights' cache entry, so the same stamp invalidates both, with the decision for
         the last input signature (shape and layout; None: plain weights); another signature decides again. Any
         other case gets `weight` back."""
-        entry = self._fold_cache.get((key, weight.dtype))
-        if entry is None or entry[1][0] is not weight:  # not from the cache (compiling, differentiable fold, ...)
+        signature = (x.shape, x.stride())
+        entry, recorded = self._prepack_entry(key, weight, signature)
+        if entry is None:  # not from the cache (compiling, differentiable fold, ...)
             return weight
         if torch.is_grad_enabled() and x.requires_grad:  # the backward's convolution_backward takes plain weights
             return weight
-        signature = (x.shape, x.stride())
-        if len(entry) == 3 and entry[2][0] == signature:
+        if recorded:
             packed = entry[2][1]
         else:
             packed = None
