@@ -53,6 +53,12 @@ TORCH_LIBRARY(resnet_fused, m) {
       "conv_training(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
   // out = act(x + residual)
   m.def("add_act(Tensor x, Tensor residual, bool relu) -> Tensor");
+  // max_pool2d(x), as at::max_pool2d computes it, without the int64 argmax that ATen's CPU kernel writes for every
+  // output whether or not it is read: the CPU backend's pool after a fused stem in inference, and the forward of
+  // bn_relu_max_pool_training (whose backward recomputes the argmax).
+  m.def(
+      "max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) "
+      "-> Tensor");
   // y = conv2d(z, weight), z = act(x * scale[c] + shift[c]) (z = x without scale/shift; padded
   // positions of z are 0), and the per-channel batch statistics of y over N, H, W taken before y is
   // rounded: returns (y, mean, biased var), the statistics in float32 (float64 for a float64 x).

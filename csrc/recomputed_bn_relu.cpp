@@ -100,6 +100,13 @@ struct PoolArgs {
   bool ceil_mode = false;
 };
 
+// max_pool2d without indices (csrc/cpu/max_pool.cpp): the backward recomputes the argmax.
+Tensor max_pool2d(const Tensor& y, const PoolArgs& pool) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("resnet_fused::max_pool2d", "").typed<
+      Tensor(const Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, bool)>();
+  return op.call(y, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode);
+}
+
 // The op after the ReLU.
 enum class NextKind { conv, max_pool, conv_bn_act };
 
@@ -141,8 +148,7 @@ class RecomputedBNReLU : public torch::autograd::Function<RecomputedBNReLU> {
         outputs = {out, new_mean, new_var};
         break;
       case NextKind::max_pool:
-        out = at::max_pool2d(y, next.pool.kernel_size, next.pool.stride, next.pool.padding, next.pool.dilation,
-                             next.pool.ceil_mode);
+        out = max_pool2d(y, next.pool);
         outputs = {out, new_mean, new_var};
         break;
       case NextKind::conv_bn_act: {
@@ -219,7 +225,8 @@ class RecomputedBNReLU : public torch::autograd::Function<RecomputedBNReLU> {
           const auto padding = ctx->saved_data["pool_padding"].toIntVector();
           const auto dilation = ctx->saved_data["pool_dilation"].toIntVector();
           const bool ceil_mode = ctx->saved_data["pool_ceil_mode"].toBool();
-          // The argmax, recomputed with the forward's kernel: exact ties and NaNs pick the same element.
+          // The argmax, recomputed with ATen's kernel (the forward's pool keeps none): the values are the forward's,
+          // exactly, so only which of exactly tied elements gets the gradient is ATen's choice.
           const Tensor indices = std::get<1>(at::max_pool2d_with_indices(y, kernel_size, stride, padding, dilation,
                                                                          ceil_mode));
           grad_y = at::max_pool2d_with_indices_backward(grad_out, y, kernel_size, stride, padding, dilation,

@@ -28,6 +28,11 @@ def add_act(x, residual, relu=True):
     return F.relu(y) if relu else y
 
 
+def max_pool2d(x, kernel_size, stride, padding=0, dilation=1, ceil_mode=False):
+    """max_pool2d(x), without indices."""
+    return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
 def conv_stats(x, weight, scale=None, shift=None, stride=1, padding=0, dilation=1, groups=1, relu=True):
     """(y, mean, var): y = conv2d(z, weight), no bias, with z = act(x * scale[c] + shift[c]) (z = x without
     scale and shift) and zero padding applied to z; the mean and biased variance of the conv per channel over

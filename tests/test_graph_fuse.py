@@ -122,7 +122,7 @@ class RecomputingChain(nn.Module):
 CHAIN_NOTES = {
     "train": {"bn0": f"fused (conv+bn+relu+max_pool; {RECOMPUTED})", "bn1": f"fused (bn+relu+conv; {RECOMPUTED})",
               "bn2": f"fused (bn+relu+conv; {RECOMPUTED})", "bn3": "fused (bn+add+relu; its conv runs in bn2's step)"},
-    "eval": {"bn0": "fused (conv+bn+relu)", "bn1": "fused (bn+relu)", "bn2": "fused (conv+bn+relu)",
+    "eval": {"bn0": "fused (conv+bn+relu+max_pool)", "bn1": "fused (bn+relu)", "bn2": "fused (conv+bn+relu)",
              "bn3": "fused (conv+bn+add+relu)"},
 }
 

@@ -38,6 +38,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
 
 at::Tensor add_act(const at::Tensor& x, const at::Tensor& residual, bool relu);
 
+at::Tensor max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& shift, at::IntArrayRef stride, at::IntArrayRef padding,

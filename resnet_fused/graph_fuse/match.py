@@ -8,7 +8,8 @@ call disappears has hooks (they would no longer run). Every BN met gets a note: 
 
 In a training graph, a BN -> ReLU whose only user is a conv (or an nn.MaxPool2d) also takes that next op
 (`Match.then`): its step runs them as one recomputing op (bn_relu_conv, bn_relu_max_pool), and the match of
-the BN after that conv, if any, gives its conv up to it. With `low_memory`, that match (when it has no next op
+the BN after that conv, if any, gives its conv up to it. In an eval graph such a match takes a max pool only,
+which its step runs without indices (FusedModule._max_pool); the same modules in both modes make one step. With `low_memory`, that match (when it has no next op
 of its own) joins the step as well (`Match.tail`): the step runs BN -> ReLU -> conv -> BN [-> + residual]
 [-> ReLU] as one op (bn_relu_conv_bn_act), which recomputes the conv output in the backward too.
 """
@@ -35,7 +36,7 @@ class Match:
     add: fx.Node | None
     relu: fx.Node | None
     relu_in_bn: bool  # timm's BatchNormAct2d with a ReLU: the ReLU is part of the BN module
-    then: fx.Node | None = None  # training graphs: the conv or max pool that the recomputing op runs after the ReLU
+    then: fx.Node | None = None  # the conv or max pool after the ReLU that the step runs (eval graphs: a max pool)
     tail: "Match | None" = None  # low_memory training graphs: the match of the BN after `then` (a conv), run here too
 
     @property
@@ -160,16 +161,17 @@ def find_matches(root: nn.Module, graph: fx.Graph, shared: set[int], training: b
             continue
         notes[node.target] = f"fused ({match.describe()})"
         matches.append(match)
-    if training:
-        afters = _take_next_ops(root, matches, notes, calls, shared)
-        if low_memory:
-            _take_tails(root, matches, notes, afters)
+    afters = _take_next_ops(root, matches, notes, calls, shared, training)
+    if training and low_memory:
+        _take_tails(root, matches, notes, afters)
     return matches, notes, _add_relu_matches(root, graph, claimed)
 
 
-def _take_next_ops(root: nn.Module, matches: list[Match], notes: dict[str, str], calls, shared) -> dict:
-    """Gives each BN -> ReLU match whose ReLU output feeds only a conv or max pool that op (Match.then), and
-    takes that conv from the match of the BN after it. Returns {id(match): the match that gave its conv up to it}."""
+def _take_next_ops(root: nn.Module, matches: list[Match], notes: dict[str, str], calls, shared,
+                   training: bool) -> dict:
+    """Gives each BN -> ReLU match whose ReLU output feeds only a conv or max pool that op (Match.then; in an eval
+    graph a max pool only), and takes that conv from the match of the BN after it. Returns {id(match): the match
+    that gave its conv up to it}."""
     by_conv = {match.conv: match for match in matches if match.conv is not None}
     afters = {}
     for match in matches:
@@ -179,9 +181,12 @@ def _take_next_ops(root: nn.Module, matches: list[Match], notes: dict[str, str],
         if (then is None or then.op != "call_module" or then.args != (match.last,) or then.kwargs
                 or not _runs_in_recomputing_op(root, then, calls, shared)):
             continue
-        match.then = then
         kind = "conv" if isinstance(_module(root, then), nn.Conv2d) else "max_pool"
-        notes[match.bn.target] = f"fused ({match.describe()}+{kind}; {RECOMPUTED})"
+        if not training and kind == "conv":
+            continue  # in eval the BN folds into its own conv: the next conv is another step's
+        match.then = then
+        notes[match.bn.target] = f"fused ({match.describe()}+{kind}; {RECOMPUTED})" if training else \
+            f"fused ({match.describe()}+{kind})"
         after = by_conv.get(then)
         if after is not None:
             after.conv = None

@@ -86,12 +86,13 @@ class GraphFusedStep(FusedModule):
 
 class GraphRecomputingStep(GraphFusedStep):
     """then(relu(bn(conv(x)))) for a [conv ->] BN -> ReLU -> `then` of a training graph, `then` a conv (no bias,
-    numeric padding) or an nn.MaxPool2d (no indices); conv may be None.
+    numeric padding) or an nn.MaxPool2d (no indices), or of an eval graph, `then` such a max pool; conv may be None.
 
     Where the blocks would (FusedModule._recomputes: eager, autograd on, a fused backend, bn in training mode)
     the conv runs alone and BN + ReLU + `then` as one op, bn_relu_conv or bn_relu_max_pool, which keeps the
     BN input for the backward instead of the ReLU output (and, for the pool, its indices). Otherwise the
-    steps run one after the other: conv + BN + ReLU as GraphFusedStep runs them, then `then`."""
+    steps run one after the other: conv + BN + ReLU as GraphFusedStep runs them, then `then` (a max pool as
+    FusedModule._max_pool runs it: without indices where no gradient is recorded)."""
 
     def __init__(self, conv: nn.Conv2d | None, bn: nn.Module, then: nn.Module, backend: str | None = None):
         super().__init__(conv, bn, backend)
@@ -115,7 +116,7 @@ class GraphRecomputingStep(GraphFusedStep):
                                     stride=_pair(then.stride), padding=_pair(then.padding),
                                     dilation=_pair(then.dilation), ceil_mode=then.ceil_mode)
         y = super().forward(x, None, relu=True)
-        return self._conv(y, then) if is_conv else then(y)
+        return self._conv(y, then) if is_conv else self._max_pool(y, then)
 
     def extra_repr(self) -> str:
         kind = ("bn" if self.conv is None else "conv, bn") + ", relu, " + type(self.then).__name__

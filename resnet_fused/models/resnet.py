@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ..nn.blocks import BasicBlock, Bottleneck, conv1x1
-from ..nn.fused import FusedModule, check_input, check_norms
+from ..nn.fused import FusedModule, check_input, check_norms, hooked
 from ..ops.recomputed_bn_relu import bn_relu_max_pool
 
 
@@ -121,13 +121,13 @@ class ResNet(FusedModule):
             for layer in layers:
                 x = layer(x)
             return x
-        owned = type(self.maxpool) is nn.MaxPool2d and not _hooked(self.maxpool)
+        owned = type(self.maxpool) is nn.MaxPool2d and not hooked(self.maxpool)
         for layer in layers:
-            if type(layer) is not nn.Sequential or _hooked(layer):
+            if type(layer) is not nn.Sequential or hooked(layer):
                 x, owned = layer(x), False
                 continue
             for block in layer:
-                if isinstance(block, (BasicBlock, Bottleneck)) and not _hooked(block):
+                if isinstance(block, (BasicBlock, Bottleneck)) and not hooked(block):
                     x, owned = block(x, reuse_input=owned), True
                 else:
                     x, owned = block(x), False
@@ -143,16 +143,10 @@ class ResNet(FusedModule):
             return bn_relu_max_pool(y, **self._training_bn_args(self.bn1), kernel_size=_pair(pool.kernel_size),
                                     stride=_pair(pool.stride), padding=_pair(pool.padding),
                                     dilation=_pair(pool.dilation), ceil_mode=pool.ceil_mode)
-        return self.maxpool(self._conv_bn("stem", x, self.conv1, self.bn1))
+        return self._max_pool(self._conv_bn("stem", x, self.conv1, self.bn1), pool)
 
     def _fused_norms(self):
         return [self.bn1]
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Whether a forward hook (the module's own or a global one) may see the module's input or output."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
 
 
 def _resnet(block, layers: list[int], weights, progress: bool, num_classes: int, plain: bool,

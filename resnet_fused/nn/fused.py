@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..backends import has_kernel, resolve_backend, supports_dtype
-from ..ops import bn_act, conv_bn_act, conv_stats, fold_bn
+from ..ops import bn_act, conv_bn_act, conv_stats, fold_bn, max_pool2d
 from ..ops._layout import output_memory_format
 from ..ops.conv_bn_act import conv_bn_act_into_residual, conv_output_shape, plain_conv
 from ..ops.conv_stats import bn_add_relu
@@ -472,6 +472,17 @@ class FusedModule(nn.Module):
             return weight
         return packed
 
+    def _max_pool(self, y: torch.Tensor, pool: nn.Module) -> torch.Tensor:
+        """pool(y), for the pool after a fused step (a stem's). An nn.MaxPool2d without indices or hooks runs as
+        rf.max_pool2d where no gradient is recorded, in eager, on the cpu backend: ATen's CPU pool writes an
+        int64 argmax per output that nothing reads there (csrc/cpu/max_pool.cpp)."""
+        if (type(pool) is nn.MaxPool2d and not pool.return_indices and not hooked(pool)
+                and not (y.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
+                and resolve_backend("conv_bn_act", self.backend, y.device, y.dtype) == "cpu"):
+            return max_pool2d(y, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
+                              backend="cpu")
+        return pool(y)
+
     def _downsample(self, x: torch.Tensor, downsample: nn.Module | None) -> torch.Tensor:
         """The shortcut: x, or the downsample branch with a trailing conv + BN fused (no ReLU)."""
         if downsample is None:
@@ -492,6 +503,12 @@ class FusedModule(nn.Module):
         if self.backend is not None:
             parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether a forward hook (the module's own or a global one) may see the module's input or output."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
 
 
 def _fusable_tail(module) -> bool:
