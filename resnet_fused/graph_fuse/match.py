@@ -9,9 +9,10 @@ call disappears has hooks (they would no longer run). Every BN met gets a note: 
 In a training graph, a BN -> ReLU whose only user is a conv (or an nn.MaxPool2d) also takes that next op
 (`Match.then`): its step runs them as one recomputing op (bn_relu_conv, bn_relu_max_pool), and the match of
 the BN after that conv, if any, gives its conv up to it. In an eval graph such a match takes a max pool only,
-which its step runs without indices (FusedModule._max_pool); the same modules in both modes make one step. With `low_memory`, that match (when it has no next op
-of its own) joins the step as well (`Match.tail`): the step runs BN -> ReLU -> conv -> BN [-> + residual]
-[-> ReLU] as one op (bn_relu_conv_bn_act), which recomputes the conv output in the backward too.
+which its step runs without indices (FusedModule._max_pool); the same modules in both modes make one step.
+With `low_memory`, that match (when it has no next op of its own) joins the step as well (`Match.tail`): the step
+runs BN -> ReLU -> conv -> BN [-> + residual] [-> ReLU] as one op (bn_relu_conv_bn_act), which recomputes the
+conv output in the backward too.
 """
 import operator
 import sys

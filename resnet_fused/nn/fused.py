@@ -474,10 +474,12 @@ class FusedModule(nn.Module):
 
     def _max_pool(self, y: torch.Tensor, pool: nn.Module) -> torch.Tensor:
         """pool(y), for the pool after a fused step (a stem's). An nn.MaxPool2d without indices or hooks runs as
-        rf.max_pool2d where no gradient is recorded, in eager, on the cpu backend: ATen's CPU pool writes an
-        int64 argmax per output that nothing reads there (csrc/cpu/max_pool.cpp)."""
+        rf.max_pool2d where no gradient is recorded, in eager (not under torch.compile, which generates its own
+        pool, or a torch.func transform), on the cpu backend: ATen's CPU pool writes an int64 argmax per output
+        that nothing reads there (csrc/cpu/max_pool.cpp)."""
         if (type(pool) is nn.MaxPool2d and not pool.return_indices and not hooked(pool)
                 and not (y.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
+                and not torch._C._are_functorch_transforms_active()
                 and resolve_backend("conv_bn_act", self.backend, y.device, y.dtype) == "cpu"):
             return max_pool2d(y, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
                               backend="cpu")
