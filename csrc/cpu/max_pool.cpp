@@ -17,30 +17,37 @@
 namespace resnet_fused::cpu {
 namespace {
 
-// One output row (n, oh) of an NHWC max pool: for each output pixel, the maximum over the window's rows
-// [ih_begin, ih_end) and columns of every channel, `kWidth` channels at a time in the accumulation type (max is
-// exact in it). NaN wins, as in ATen's kernel (at::vec::maximum propagates it); a window with no element in the
-// input (none exists under pool2d_shape_check's padding rule) would give -inf, as ATen's does.
+// The input indices of output index `o`'s window along one dimension that lie inside the input (size `size`):
+// from `begin` to before `end`, in steps of the dilation.
+struct Span {
+  int64_t begin, end;
+};
+Span window_span(int64_t o, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation, int64_t size) {
+  const int64_t first = o * stride - padding;
+  const int64_t begin = first < 0 ? first + (-first + dilation - 1) / dilation * dilation : first;
+  return {begin, std::min(first + (kernel - 1) * dilation + 1, size)};
+}
+
+// One output row (n, oh) of an NHWC max pool: for each output pixel, the maximum over the window's rows `rows`
+// and columns of every channel, `kWidth` channels at a time in the accumulation type (max is exact in it). NaN
+// wins, as in ATen's kernel (at::vec::maximum propagates it); a window with no element in the input (none exists
+// under pool2d_shape_check's padding rule) would give -inf, as ATen's does.
 template <typename scalar_t>
-void pool_row(const scalar_t* in, scalar_t* out, int64_t channels, int64_t width, int64_t out_width,
-              int64_t ih_begin, int64_t ih_end, int64_t dilation_h, int64_t kernel_w, int64_t stride_w,
-              int64_t padding_w, int64_t dilation_w) {
+void pool_row(const scalar_t* in, scalar_t* out, int64_t channels, int64_t width, int64_t out_width, Span rows,
+              int64_t dilation_h, int64_t kernel_w, int64_t stride_w, int64_t padding_w, int64_t dilation_w) {
   using IO = VecIO<scalar_t>;
   using Acc = typename IO::Acc;
   constexpr int64_t kWidth = IO::kWidth;
   for (int64_t ow = 0; ow < out_width; ++ow) {
-    const int64_t iw0 = ow * stride_w - padding_w;
-    // The window's first and one-past-last columns inside the input, on the dilation grid.
-    const int64_t iw_begin = iw0 < 0 ? iw0 + (-iw0 + dilation_w - 1) / dilation_w * dilation_w : iw0;
-    const int64_t iw_end = std::min(iw0 + (kernel_w - 1) * dilation_w + 1, width);
+    const Span columns = window_span(ow, kernel_w, stride_w, padding_w, dilation_w, width);
     scalar_t* out_pixel = out + ow * channels;
     for (int64_t c = 0; c < channels; c += kWidth) {
       const int64_t count = std::min(kWidth, channels - c);
       typename IO::Pack best;
       best.fill(Acc(-std::numeric_limits<at::opmath_type<scalar_t>>::infinity()));
-      for (int64_t ih = ih_begin; ih < ih_end; ih += dilation_h) {
+      for (int64_t ih = rows.begin; ih < rows.end; ih += dilation_h) {
         const scalar_t* in_row = in + ih * width * channels + c;
-        for (int64_t iw = iw_begin; iw < iw_end; iw += dilation_w) {
+        for (int64_t iw = columns.begin; iw < columns.end; iw += dilation_w) {
           const auto v = IO::load(in_row + iw * channels, count);
           for (int part = 0; part < IO::kParts; ++part) {
             best[part] = at::vec::maximum(best[part], v[part]);
@@ -84,11 +91,9 @@ at::Tensor max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntA
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / out_height, oh = row % out_height;
-        const int64_t ih0 = oh * stride[0] - padding[0];
-        const int64_t ih_begin = ih0 < 0 ? ih0 + (-ih0 + dilation[0] - 1) / dilation[0] * dilation[0] : ih0;
-        const int64_t ih_end = std::min(ih0 + (kernel_h - 1) * dilation[0] + 1, height);
         pool_row(in_data + n * height * width * channels, out_data + row * out_width * channels, channels, width,
-                 out_width, ih_begin, ih_end, dilation[0], kernel_w, stride[1], padding[1], dilation[1]);
+                 out_width, window_span(oh, kernel_h, stride[0], padding[0], dilation[0], height), dilation[0],
+                 kernel_w, stride[1], padding[1], dilation[1]);
       }
     });
   });
