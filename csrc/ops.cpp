@@ -53,6 +53,13 @@ TORCH_LIBRARY(resnet_fused, m) {
       "conv_training(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
   // out = act(x + residual)
   m.def("add_act(Tensor x, Tensor residual, bool relu) -> Tensor");
+  // out = act(x * scale[n, c] + residual), scale (N, C): a block's squeeze-and-excitation (or ECA) gate applied, then
+  // its shortcut added and the ReLU, in one pass. The backward returns (grad_x, grad_scale, grad_pre): grad_pre, the
+  // gradient before the ReLU (the residual's), is empty without ReLU, where it is grad_out itself.
+  m.def("scale_add_act(Tensor x, Tensor scale, Tensor residual, bool relu) -> Tensor");
+  m.def(
+      "scale_add_act_backward(Tensor grad_out, Tensor out, Tensor x, Tensor scale, bool relu) "
+      "-> (Tensor, Tensor, Tensor)");
   // max_pool2d(x), as at::max_pool2d computes it, without the int64 argmax that ATen's CPU kernel writes for every
   // output whether or not it is read: the CPU backend's pool after a fused stem in inference, and the forward of
   // bn_relu_max_pool_training (whose backward recomputes the argmax).

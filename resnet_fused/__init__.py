@@ -6,7 +6,7 @@
 from . import backends as _backends
 from ._library import build_info
 from .backends import available_backends, use_backend
-from .ops import add_act, bn_act, conv_bn_act, conv_stats, fold_bn, max_pool2d
+from .ops import add_act, bn_act, conv_bn_act, conv_stats, fold_bn, max_pool2d, scale_add_act
 from . import models, nn
 from .fuse import fuse
 
@@ -14,4 +14,4 @@ _backends.refresh_kernel_table()
 
 __version__ = "0.1.0"
 __all__ = ["add_act", "available_backends", "bn_act", "build_info", "conv_bn_act", "conv_stats", "fold_bn", "fuse",
-           "max_pool2d", "models", "nn", "use_backend"]
+           "max_pool2d", "models", "nn", "scale_add_act", "use_backend"]

@@ -25,7 +25,7 @@ _CUDA_AVAILABLE = torch.cuda.is_available()
 # every op is registered, so a call only does dictionary lookups (cheap, and traceable by torch.compile).
 _KERNELS: dict[tuple[str, str], bool] = {}
 
-OPS = ("conv_bn_act", "bn_act", "add_act", "conv_stats", "max_pool2d")
+OPS = ("conv_bn_act", "bn_act", "add_act", "scale_add_act", "conv_stats", "max_pool2d")
 
 # Dtypes a backend's kernel takes, where that is not every floating dtype.
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # tl.dot has no float64

@@ -28,6 +28,12 @@ def add_act(x, residual, relu=True):
     return F.relu(y) if relu else y
 
 
+def scale_add_act(x, scale, residual, relu=True):
+    """act(x * scale[n, c] + residual), scale of shape (N, C): a squeeze-and-excitation gate, the shortcut, ReLU."""
+    y = x * scale[:, :, None, None] + residual
+    return F.relu(y) if relu else y
+
+
 def max_pool2d(x, kernel_size, stride, padding=0, dilation=1, ceil_mode=False):
     """max_pool2d(x), without indices."""
     return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)

@@ -38,9 +38,16 @@ for fmt in (torch.contiguous_format, torch.channels_last):
                                        (1, 1), 1, True)
         add = rf.add_act(x.detach(), r, backend="cpu")
         pool = rf.max_pool2d(x.detach(), 3, 2, 1, backend="cpu")
+        gate = torch.rand(3, 7).to(dtype).requires_grad_()
+        gated = rf.scale_add_act(x, gate, r, backend="cpu")
+        gated_grads = torch.autograd.grad(gated, (x, gate), torch.ones_like(gated))
+        gate64 = gate.detach().double().requires_grad_()
+        gated64 = reference.scale_add_act(x64, gate64, r.double())
+        gated_grads64 = torch.autograd.grad(gated64, (x64, gate64), torch.ones_like(gated64))
         key = f"{fmt}-{dtype}"
         pairs = [(out, want), (grad, grad64), (conv, conv64), (add, (x.detach().double() + r.double()).relu()),
-                 (pool, torch.nn.functional.max_pool2d(x.detach().double(), 3, 2, 1))]
+                 (pool, torch.nn.functional.max_pool2d(x.detach().double(), 3, 2, 1)), (gated, gated64),
+                 *zip(gated_grads, gated_grads64)]
         # errors relative to the largest value of each result
         errors[key] = [((a.double() - b).abs().max() / b.abs().max().clamp_min(1)).item() for a, b in pairs]
 print(json.dumps({"isa": rf.build_info()["cpu_isa"], "errors": errors}))
@@ -67,8 +74,8 @@ def test_each_instruction_set_loads_and_agrees(capability, isa):
     if isa == "avx512" and result["isa"] != "avx512":
         pytest.skip("this CPU lacks AVX-512")
     assert result["isa"] == isa
-    for key, (bn_out, bn_grad, conv, add, pool) in result["errors"].items():
+    for key, (bn_out, bn_grad, conv, add, pool, *gated) in result["errors"].items():
         # a few ulps of float32, or of bfloat16's 8-bit mantissa (2**-8 = 0.0039)
         tolerance = 1e-5 if "float32" in key else 0.02
-        assert max(bn_out, bn_grad, conv, add) < tolerance, (key, bn_out, bn_grad, conv, add)
+        assert max(bn_out, bn_grad, conv, add, *gated) < tolerance, (key, bn_out, bn_grad, conv, add, gated)
         assert pool == 0, (key, pool)  # a maximum is exact in any dtype

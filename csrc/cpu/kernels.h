@@ -38,6 +38,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
 
 at::Tensor add_act(const at::Tensor& x, const at::Tensor& residual, bool relu);
 
+at::Tensor scale_add_act(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& residual, bool relu);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_add_act_backward(const at::Tensor& grad_out,
+                                                                      const at::Tensor& out, const at::Tensor& x,
+                                                                      const at::Tensor& scale, bool relu);
+
 at::Tensor max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode);
 

@@ -11,6 +11,8 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("bn_act", &resnet_fused::cpu::bn_act);
   m.impl("bn_act_backward", &resnet_fused::cpu::bn_act_backward);
   m.impl("add_act", &resnet_fused::cpu::add_act);
+  m.impl("scale_add_act", &resnet_fused::cpu::scale_add_act);
+  m.impl("scale_add_act_backward", &resnet_fused::cpu::scale_add_act_backward);
   m.impl("max_pool2d", &resnet_fused::cpu::max_pool2d);
   m.impl("conv_stats", &resnet_fused::cpu::conv_stats);
   m.impl("bn_add_relu", &resnet_fused::cpu::bn_add_relu);

@@ -1,5 +1,6 @@
 """Finding conv -> BN [-> + residual] [-> ReLU] and BN [-> + residual] -> ReLU in a torch.fx graph, and
-replacing each by one call of a GraphFusedStep.
+replacing each by one call of a GraphFusedStep; and the [a * gate ->] + b -> ReLU left over (an SE/ECA block's
+tail), each replaced by one call of a GraphFusedAddReLU.
 
 Only what can be proven safe from the graph is fused: the conv output (the BN input) and each value the
 fused step swallows have no other user, the conv and BN modules are called once in the graph and appear
@@ -26,6 +27,7 @@ from ..nn.fused import is_fusable_conv, is_fusable_norm
 from .report import RECOMPUTED, TAIL_RECOMPUTED
 
 _ADDS = {operator.add, operator.iadd, torch.add}
+_MULS = {operator.mul, torch.mul}
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
 _RELU_METHODS = {"relu", "relu_"}
 
@@ -225,17 +227,31 @@ def _runs_in_recomputing_op(root: nn.Module, node: fx.Node, calls, shared) -> bo
             and calls[node.target] == 1 and id(module) not in shared and not _has_hooks(module))
 
 
-def _add_relu_matches(root: nn.Module, graph: fx.Graph, claimed: set) -> list[tuple[fx.Node, fx.Node]]:
-    """(add, relu) pairs left over by the BN matches: a + b whose only user is a ReLU of it."""
-    pairs = []
+def _add_relu_matches(root: nn.Module, graph: fx.Graph, claimed: set) -> list[tuple]:
+    """(add, relu, product) triples left over by the BN matches: a + b whose only user is a ReLU of it, where
+    product is None, or an operand a * g of the add (an SE or ECA block's gate applied) that the fused step takes
+    too. An in-place a += b qualifies when nothing else reads a (the write then cannot be seen)."""
+    triples = []
     for node in graph.nodes:
-        if (node.op != "call_function" or node.target not in (operator.add, torch.add) or len(node.args) != 2
-                or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args) or node in claimed):
+        if (node.op != "call_function" or node.target not in _ADDS or len(node.args) != 2 or node.kwargs
+                or not all(isinstance(a, fx.Node) for a in node.args) or node in claimed):
+            continue
+        a, b = node.args
+        if node.target is operator.iadd and list(a.users) != [node]:
             continue
         user = _only_user(node)
-        if user is not None and user not in claimed and _is_relu(root, user) and user.args[0] is node:
-            pairs.append((node, user))
-    return pairs
+        if user is None or user in claimed or not _is_relu(root, user) or user.args[0] is not node:
+            continue
+        # An in-place add writes into its first operand: only that one may be the product it replaces.
+        products = (a,) if node.target is operator.iadd else (a, b)
+        triples.append((node, user, next((p for p in products if _is_product(p, node)), None)))
+    return triples
+
+
+def _is_product(node: fx.Node, add: fx.Node) -> bool:
+    """Whether node is p * q of two tensor-valued nodes whose only user is `add`."""
+    return (node.op == "call_function" and node.target in _MULS and len(node.args) == 2 and not node.kwargs
+            and all(isinstance(a, fx.Node) for a in node.args) and list(node.users) == [add])
 
 
 def _fusable_conv(root, node, bn: fx.Node, calls, shared) -> fx.Node | None:
@@ -261,14 +277,17 @@ def _why_no_conv(root, node, calls, shared) -> str | None:
 
 def rewrite(graph: fx.Graph, matches: list[Match], step_names: dict[fx.Node, str], add_relus, add_relu_name) -> None:
     """Each match becomes one call_module of its step, step(x, residual, relu), or step(x) for a match with a
-    next op (step(x, residual, relu) of the tail's add and ReLU with a tail); each add -> ReLU pair one call of
-    the module named add_relu_name."""
-    for add, relu in add_relus:
+    next op (step(x, residual, relu) of the tail's add and ReLU with a tail); each [multiply ->] add -> ReLU one
+    call of the module named add_relu_name."""
+    for add, relu, product in add_relus:
+        # step(a, b) for relu(a + b); step(p, residual, q) for relu(p * q + residual)
+        args = add.args if product is None else (product.args[0], _residual_of(add, product), product.args[1])
         with graph.inserting_before(relu):
-            fused = graph.call_module(add_relu_name, add.args)
+            fused = graph.call_module(add_relu_name, args)
         relu.replace_all_uses_with(fused)
-        graph.erase_node(relu)
-        graph.erase_node(add)
+        for node in (relu, add, product):
+            if node is not None:
+                graph.erase_node(node)
     for match in matches:
         source, tail = match.conv or match.bn, match.tail
         if tail is not None:

@@ -1,8 +1,8 @@
 """The fused modules that replace one conv -> BN [-> + residual] [-> ReLU] (or BN [-> + residual] -> ReLU)
 pattern found in a module's graph, one [conv ->] BN -> ReLU -> conv or max pool of a training graph (run as
-one recomputing op; with low_memory, also the BN [-> + residual] [-> ReLU] after that conv), and one add -> ReLU
-of two values no BN step could take (the tail of an SE/ECA block: conv3 -> BN3 -> gate, then + shortcut ->
-ReLU).
+one recomputing op; with low_memory, also the BN [-> + residual] [-> ReLU] after that conv), and one
+[multiply ->] add -> ReLU of values no BN step could take (the tail of an SE/ECA block: conv3 -> BN3, times the
+gate, then + shortcut -> ReLU).
 
 A step holds references to the model's own conv and BN modules (and the next conv or pool) without
 registering them (they stay where they are, under their own names), so parameters, buffers and state_dict
@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from ..ops import add_act, bn_act
+from ..ops import add_act, bn_act, scale_add_act
 from ..ops.conv_bn_act import conv_output_shape
 from ..ops.recomputed_bn_relu import bn_relu_conv, bn_relu_max_pool
 from ..nn.fused import FusedModule, _cast, _conv_args, _trains, compute_dtype
@@ -161,11 +161,34 @@ class GraphRecomputingTailStep(GraphRecomputingStep):
 
 
 class GraphFusedAddReLU(FusedModule):
-    """relu(a + b) as one add_act op when a and b are floating-point 4-D tensors of one shape and dtype;
-    otherwise (a broadcasting or mixed-dtype add) as PyTorch computes it."""
+    """relu(a + b) as one add_act op when a and b are floating-point 4-D tensors of one shape and dtype; with a third
+    argument, relu(a * gate + b) (an SE or ECA block's gate applied, then its shortcut added: either factor may be
+    the gate) as one scale_add_act op when the gate is one value per sample and channel of the other factor,
+    (N, C, 1, 1) or expanded to its shape; otherwise as PyTorch computes it."""
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if (a.shape == b.shape and a.dtype == b.dtype and a.dim() == 4 and a.is_floating_point()
-                and a.device == b.device):
+    def forward(self, a: torch.Tensor, b: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        if gate is not None:
+            x, scale = _gated(a, gate) or _gated(gate, a) or (None, None)
+            if x is not None and _same_kind(x, b) and _same_kind(x, scale, dim=2):
+                return scale_add_act(x, scale, b, relu=True, backend=self.backend)
+            return torch.relu(a * gate + b)
+        if _same_kind(a, b):
             return add_act(a, b, relu=True, backend=self.backend)
         return torch.relu(a + b)
+
+
+def _same_kind(x: torch.Tensor, other: torch.Tensor, dim: int = 4) -> bool:
+    """Whether x is a floating-point 4-D tensor and other a `dim`-D one of its dtype and device, of x's shape
+    (dim 4) or its leading dims."""
+    return (x.dim() == 4 and x.is_floating_point() and other.dim() == dim and other.shape == x.shape[:dim]
+            and other.dtype == x.dtype and other.device == x.device)
+
+
+def _gated(x: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x, the gate as an (N, C) view) when gate holds one value per sample and channel of a 4-D x: of shape
+    (N, C, 1, 1), or of x's shape with zero strides over H and W (ECA's `gate.expand_as(x)`)."""
+    if x.dim() != 4 or gate.dim() != 4 or gate.shape[:2] != x.shape[:2]:
+        return None
+    if gate.shape[2:] == (1, 1) or (gate.shape == x.shape and gate.stride(2) == 0 and gate.stride(3) == 0):
+        return x, gate[:, :, 0, 0]
+    return None

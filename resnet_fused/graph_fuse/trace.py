@@ -5,7 +5,8 @@ Shallow: every submodule is a leaf (called, not traced into), except nn.Sequenti
 nn.Sequential's own forward and have no hooks (plain ones, and subclasses such as torchvision's
 Conv2dNormActivation and RegNet's BottleneckTransform), whose calls are inlined so that a pattern spanning
 containers and their parent (a deep stem and the BN after it; RegNet's conv -> BN -> ReLU in one
-Conv2dNormActivation and the next conv in another) is seen. Each module that holds a pattern is rewritten on
+Conv2dNormActivation and the next conv in another) is seen, and timm's SE and ECA gates (SEModule, EcaModule),
+whose multiply by the gate then meets the block's add and ReLU. Each module that holds a pattern is rewritten on
 its own, one at a time.
 Training branches are baked into a trace (`if self.training`, `F.dropout(training=self.training)`), so
 the module is traced in both modes and runs the graph of its current mode.
@@ -28,11 +29,21 @@ class ShallowTracer(fx.Tracer):
 
 
 def is_inlined(module: nn.Module) -> bool:
-    """Whether a traced parent inlines this submodule's call: an nn.Sequential whose forward is nn.Sequential's
-    (its children called in order, nothing else), without hooks of its own, which would not run once inlined."""
-    return (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
-            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                     or module._backward_pre_hooks))
+    """Whether a traced parent inlines this submodule's call, when it has no hooks of its own (they would not run
+    once inlined): an nn.Sequential whose forward is nn.Sequential's (its children called in order, nothing else),
+    or one of timm's squeeze-and-excitation and ECA gates, whose forward ends in `x * gate`: inlined, that multiply
+    joins the block's add and ReLU after it as one scale_add_act step."""
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return False
+    if isinstance(module, nn.Sequential):
+        return type(module).forward is nn.Sequential.forward
+    return type(module) in _timm_gates()
+
+
+def _timm_gates() -> tuple[type, ...]:
+    """timm's SEModule and EcaModule, where timm is imported (a model holding them imported it)."""
+    se, eca = sys.modules.get("timm.layers.squeeze_excite"), sys.modules.get("timm.layers.eca")
+    return tuple(m for m in (getattr(se, "SEModule", None), getattr(eca, "EcaModule", None)) if m is not None)
 
 
 def is_container(module: nn.Module) -> bool:
