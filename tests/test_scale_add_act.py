@@ -181,3 +181,16 @@ def test_gate_multiply_that_is_not_per_channel_falls_back():
             out = step(a, b, gate) if gate.shape[2] == 1 else step(gate, b, a)  # either factor may be the gate
         assert _calls(recorder) == 1
         torch.testing.assert_close(out, torch.relu(a * gate + b))
+
+
+def test_gate_on_a_backend_without_scale_add_act_multiplies_first():
+    """On a backend whose add_act has no scale_add_act beside it (triton, cuda), the step multiplies, then adds."""
+    from resnet_fused.graph_fuse import GraphFusedAddReLU
+
+    skip_unless_runs("add_act", "triton", "cpu", torch.float32)
+    assert not rf.backends.has_kernel("scale_add_act", "triton")
+    a, b, gate = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.rand(2, 3, 1, 1)
+    with OpRecorder() as recorder:
+        out = GraphFusedAddReLU("triton")(a, b, gate)
+    assert _calls(recorder) == 0 and torch.ops.resnet_fused.add_act_triton.default in recorder.seen
+    torch.testing.assert_close(out, torch.relu(a * gate + b))

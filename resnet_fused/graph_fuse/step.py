@@ -13,6 +13,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from ..backends import has_kernel, resolve_backend
+
 from ..ops import add_act, bn_act, scale_add_act
 from ..ops.conv_bn_act import conv_output_shape
 from ..ops.recomputed_bn_relu import bn_relu_conv, bn_relu_max_pool
@@ -164,14 +166,18 @@ class GraphFusedAddReLU(FusedModule):
     """relu(a + b) as one add_act op when a and b are floating-point 4-D tensors of one shape and dtype; with a third
     argument, relu(a * gate + b) (an SE or ECA block's gate applied, then its shortcut added: either factor may be
     the gate) as one scale_add_act op when the gate is one value per sample and channel of the other factor,
-    (N, C, 1, 1) or expanded to its shape; otherwise as PyTorch computes it."""
+    (N, C, 1, 1) or expanded to its shape, and the backend has the op; otherwise the product as PyTorch computes
+    it, then the add and ReLU as without a gate."""
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         if gate is not None:
-            x, scale = _gated(a, gate) or _gated(gate, a) or (None, None)
-            if x is not None and _same_kind(x, b) and _same_kind(x, scale, dim=2):
-                return scale_add_act(x, scale, b, relu=True, backend=self.backend)
-            return torch.relu(a * gate + b)
+            gated = _gated(a, gate) or _gated(gate, a)
+            if gated is not None and _same_kind(gated[0], b) and _same_kind(*gated, dim=2):
+                # The backend add_act would take; one without a scale_add_act kernel (cuda, triton) multiplies first.
+                name = resolve_backend("add_act", self.backend, b.device, b.dtype)
+                if has_kernel("scale_add_act", name):
+                    return scale_add_act(*gated, b, relu=True, backend=name)
+            a = a * gate
         if _same_kind(a, b):
             return add_act(a, b, relu=True, backend=self.backend)
         return torch.relu(a + b)
