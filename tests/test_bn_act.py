@@ -55,6 +55,20 @@ def test_cpu_gradient_parity_wide_rows(dtypes, training):
     check_gradient_parity(BNCase("wide_1031ch", (2, 1031, 2, 2)), "cpu", "nhwc", training, "cpu", dtypes)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+                         ids=["float32", "bfloat16-float32"])
+def test_cpu_parity_on_tensors_read_from_memory(dtypes):
+    """4x256x56x56 (12.8 MB in float32, 6.4 in bf16): at kStreamedBytes and more (csrc/cpu/loops.h) the forward's
+    statistics and the backward's sums without ReLU sweep the rows in storage order, not a block of channels at a
+    time; in bf16 the sums only."""
+    case = BNCase("streamed_256ch", (4, 256, 56, 56), residual=False, relu=False)
+    sample = bn_sample(case, dtypes[0], "cpu", "nhwc", param_dtype=dtypes[1])
+    copies = [[None if t is None else t.clone() for t in sample], to_float64(sample)]  # each updates its own stats
+    actual = call(lambda *a, **k: rf.bn_act(*a, **k, backend="cpu"), sample, case, True)
+    assert_parity(actual, *[call(reference.bn_act, s, case, True) for s in copies])
+    check_gradient_parity(case, "cpu", "nhwc", True, "cpu", dtypes)
+
+
 def check_gradient_parity(case, backend, memory_format, training, device, dtypes=(torch.float32, torch.float32)):
     """The gradients of x, weight, bias and residual against float64, within PyTorch's own error in the dtype."""
     skip_unless_runs("bn_act", backend, device, dtypes[0])

@@ -27,6 +27,9 @@ using at::vec::Vectorized;
 // Elements per parallel task: below this, threading costs more than it saves.
 constexpr int64_t kGrainSize = 32768;
 
+// Bytes read by a pass from which on a reduction without outputs sweeps its rows in storage order (sweep_rows).
+constexpr int64_t kStreamedBytes = int64_t(12) << 20;
+
 // fn(std::true_type{}) or fn(std::false_type{}): a runtime flag (ReLU or not) as a compile-time constant, so that
 // the elementwise lambdas built on it test nothing per vector. A flag captured by reference was reloaded and tested
 // for every vector (perf annotate: the hottest instructions of bn_act's apply pass over 8x2048x4x4).
@@ -206,13 +209,18 @@ void sweep_rows(const ChannelView& v, int64_t first, int64_t last, std::array<co
   constexpr int64_t kBlock = sweep_rows_block<scalar_t, kParams, kTerms>();
   constexpr int kLoads = kBlock / IO::kWidth;
   const int64_t width = padded<scalar_t>(v.c);
-  if constexpr (kTerms > 0 && kOut > 0) {
-    // A reduction that also writes, over rows wider than one block whose sums fit in 4 KB of L1: the rows in
-    // storage order, the sums in memory. A block at a time, bn_act_backward's pass 1 (three tensors read, one
-    // written, each a block every 1 KB) took 1.2x to 1.7x as long over 8x256x28x28; without the written tensor
-    // (the statistics, the backward without ReLU), and with wider rows (1024 or 2048 channels: 8 or 16 KB of
-    // sums), the blocks measured as fast or faster, so those keep them.
-    if (v.c > kBlock && kTerms * width * static_cast<int64_t>(sizeof(at::opmath_type<scalar_t>)) <= 4096) {
+  if constexpr (kTerms > 0) {
+    // A reduction over rows wider than one block whose sums fit in 4 KB of L1, when it also writes or reads at least
+    // kStreamedBytes in all: the rows in storage order, the sums in memory. A block at a time, bn_act_backward's
+    // pass 1 (three tensors read, one written, each a block every 1 KB) took 1.2x to 1.7x as long over
+    // 8x256x28x28. Without the written tensor (the statistics, the backward without ReLU) the blocks were as fast
+    // or faster on tensors a few MB large, and slower on larger ones, read from memory a block every row (float32,
+    // two threads, medians of 100 interleaved calls, two runs: the backward's sums over 8x256x56x56 2844 and 2564 us
+    // by blocks, 1567 and 1865 in storage order; 8x256x28x28 406 / 344 against 271 / 234; the statistics over
+    // 8x256x56x56 1488 / 1342 against 1235 / 1166; but over 8x256x28x28, 6.4 MB, 184 / 172 against 283 / 223).
+    // Rows of 1024 or more float channels (8 KB of sums and more) keep the blocks.
+    if (v.c > kBlock && kTerms * width * static_cast<int64_t>(sizeof(at::opmath_type<scalar_t>)) <= 4096 &&
+        (kOut > 0 || kIn * v.n * v.s * v.c * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamedBytes)) {
       std::fill(sums, sums + kTerms * width, at::opmath_type<scalar_t>(0));
       for (int64_t row = first; row < last; ++row) {
         for (int64_t c = 0; c < v.c; c += IO::kWidth) {
