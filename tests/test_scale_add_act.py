@@ -83,9 +83,11 @@ def test_non_contiguous_inputs(view):
 def test_opcheck(memory_format, requires_grad):
     if "cpu" not in backends_for("scale_add_act", "cpu"):
         pytest.skip("the C++ library is not loaded")
-    inputs = scale_add_act_sample(SHAPES["odd"], torch.float32, "cpu", memory_format, requires_grad)
-    for relu in (True, False):
-        torch.library.opcheck(torch.ops.resnet_fused.scale_add_act.default, (*inputs, relu))
+    x, scale, residual = scale_add_act_sample(SHAPES["basic"], torch.float32, "cpu", memory_format, requires_grad)
+    transposed = scale.detach().t().contiguous().t().requires_grad_(requires_grad)  # strides (1, N)
+    for gate in (scale, transposed):
+        for relu in (True, False):
+            torch.library.opcheck(torch.ops.resnet_fused.scale_add_act.default, (x, gate, residual, relu))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -100,7 +102,8 @@ def test_compile_fullgraph(backend, device):
 
 @pytest.mark.parametrize("error,message,args", [
     (ValueError, "x must be 4-D", (torch.randn(2, 3), torch.rand(2, 3), torch.randn(2, 3))),
-    (ValueError, r"scale must have shape \(2, 3\)", (torch.randn(2, 3, 4, 4), torch.rand(3, 2), torch.randn(2, 3, 4, 4))),
+    (ValueError, r"scale must have shape \(2, 3\)",
+     (torch.randn(2, 3, 4, 4), torch.rand(3, 2), torch.randn(2, 3, 4, 4))),
     (ValueError, "scale must be 2-D", (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 1, 1), torch.randn(2, 3, 4, 4))),
     (ValueError, r"residual must have shape \(2, 3, 4, 4\)",
      (torch.randn(2, 3, 4, 4), torch.rand(2, 3), torch.randn(2, 3, 4, 5))),

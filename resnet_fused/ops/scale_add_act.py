@@ -35,7 +35,9 @@ def _fake(x, scale, residual, relu):
 
 
 def _fake_backward(grad_out, out, x, scale, relu):
-    return empty_output(x, x.shape), torch.empty_like(scale), empty_output(x, x.shape) if relu else x.new_empty((0,))
+    # grad_scale is a new contiguous (N, C) tensor whatever scale's strides
+    grad_pre = empty_output(x, x.shape) if relu else x.new_empty((0,))
+    return empty_output(x, x.shape), scale.new_empty(scale.shape), grad_pre
 
 
 def _setup_context(ctx, inputs, output):
