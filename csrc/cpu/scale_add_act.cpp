@@ -4,7 +4,9 @@
 // is one pass too: it writes the gradient before the ReLU (the residual's) and x's, and sums scale's over each
 // plane, where PyTorch takes a ReLU backward, a multiply and a multiply-and-sum.
 #include <algorithm>
+#include <array>
 #include <memory>
+#include <tuple>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,12 +26,6 @@ void check_scale(const char* op, const at::Tensor& x, const at::Tensor& scale) {
               ": scale must have shape (N, C) = (", x.size(0), ", ", x.size(1), "), got ", scale.sizes());
   TORCH_CHECK(scale.scalar_type() == x.scalar_type(), op, ": x and scale dtypes differ (", x.scalar_type(), " vs ",
               scale.scalar_type(), ")");
-}
-
-// NHWC rows (each of the C channels of one pixel) per reduction piece of one sample: about kGrainSize values.
-int64_t rows_per_piece(const ChannelView& v) {
-  const int64_t pieces = std::clamp<int64_t>(v.s * v.c / kGrainSize, 1, 64);
-  return std::max<int64_t>(1, (v.s + pieces - 1) / pieces);
 }
 
 }  // namespace
@@ -115,82 +111,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_add_act_backward(const at::
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
     scalar_t* gpre = relu ? grad_pre.data_ptr<scalar_t>() : nullptr;
-    with_flag(relu, [&](auto with_relu) {
-      constexpr bool kRelu = decltype(with_relu)::value;
-      // One vector of `n` values at `offset`: writes the gradients, adds g * x to acc (the zero lanes of a tail
-      // load add zero).
-      auto step = [&](int64_t offset, int64_t n, const typename IO::Pack& sv, typename IO::Pack& acc) {
-        auto g = IO::load(gp + offset, n);
-        const auto xv = IO::load(xp + offset, n);
-        if constexpr (kRelu) {
-          const auto o = IO::load(outp + offset, n);
-          for (int p = 0; p < IO::kParts; ++p) g[p] = Acc::blendv(Acc(0), g[p], o[p] > Acc(0));
-          IO::store(gpre + offset, g, n);
-        }
-        typename IO::Pack gx;
-        for (int p = 0; p < IO::kParts; ++p) {
-          gx[p] = g[p] * sv[p];
-          acc[p] = at::vec::fmadd(g[p], xv[p], acc[p]);
-        }
-        IO::store(gxp + offset, gx, n);
-      };
+    // The sums of g * x per (sample, channel), g the gradient before the ReLU, over fn's inputs `in` (grad_out, x
+    // [, out]); fn also gives the `outputs` ([grad_pre,] grad_x). The sweeps and chunked sums of loops.h, one
+    // sample's view at a time with its scales as the per-channel parameters.
+    auto reduce = [&](auto in, auto outputs, const auto& fn) {
+      constexpr int kIn = std::tuple_size<decltype(in)>::value, kOut = std::tuple_size<decltype(outputs)>::value;
       if (v.channels_last()) {
-        // Units of (sample, piece of rows), the sums in storage order (a row's channels side by side, in L1), each
-        // unit's partial sums added up per sample in a fixed order: results do not depend on the thread count.
-        const int64_t piece = rows_per_piece(v), pieces = (v.s + piece - 1) / piece;
+        // Units of (sample, piece of rows) as sum_per_channel splits one sample, each unit's partial sums added up
+        // per sample in a fixed order: results do not depend on the thread count.
+        const ChannelView sample{1, v.c, v.s, v.s * v.c, 1, v.c};
+        const ReductionPlan plan = ReductionPlan::of(sample);
         const int64_t width = padded<scalar_t>(v.c), chunk = chunk_rows(v.c);
-        std::unique_ptr<double[]> partial(new double[v.n * pieces * v.c]);
-        at::parallel_for(0, v.n * pieces, 1, [&](int64_t begin, int64_t end) {
+        std::unique_ptr<double[]> partial(new double[v.n * plan.pieces * v.c]);
+        at::parallel_for(0, v.n * plan.pieces, 1, [&](int64_t begin, int64_t end) {
           std::vector<opmath_t> acc(width);
           for (int64_t unit = begin; unit < end; ++unit) {
-            const int64_t sample = unit / pieces, first = unit % pieces * piece, last = std::min(v.s, first + piece);
-            const opmath_t* sample_scale = s + sample * v.c;
+            const int64_t n = unit / plan.pieces, first = unit % plan.pieces * plan.piece_size;
+            const int64_t last = std::min(v.s, first + plan.piece_size), offset = n * v.s * v.c;
+            auto sample_in = in;
+            auto sample_out = outputs;
+            for (auto& p : sample_in) p += offset;
+            for (auto& p : sample_out) p += offset;
             double* unit_sums = partial.get() + unit * v.c;
             std::fill_n(unit_sums, v.c, 0.0);
-            for (int64_t row0 = first; row0 < last; row0 += chunk) {
-              std::fill(acc.begin(), acc.end(), opmath_t(0));
-              for (int64_t row = row0; row < std::min(last, row0 + chunk); ++row) {
-                const int64_t row_start = (sample * v.s + row) * v.c;
-                for (int64_t c = 0; c < v.c; c += IO::kWidth) {
-                  const int64_t n = std::min(IO::kWidth, v.c - c);
-                  auto a = IO::load_acc(acc.data() + c);
-                  step(row_start + c, n, IO::load_acc(sample_scale + c, n), a);
-                  IO::store_acc(acc.data() + c, a);
-                }
-              }
+            for (int64_t row = first; row < last; row += chunk) {
+              sweep_rows<scalar_t, kIn, 1, 1, kOut>(sample, row, std::min(last, row + chunk), sample_in,
+                                                    {s + n * v.c}, sample_out, fn, acc.data());
               for (int64_t c = 0; c < v.c; ++c) unit_sums[c] += acc[c];
             }
           }
         });
-        for (int64_t sample = 0; sample < v.n; ++sample) {
-          double* total = sums.get() + sample * v.c;
+        for (int64_t n = 0; n < v.n; ++n) {
+          double* total = sums.get() + n * v.c;
           std::fill_n(total, v.c, 0.0);
-          for (int64_t p = 0; p < pieces; ++p) {
-            const double* from = partial.get() + (sample * pieces + p) * v.c;
+          for (int64_t p = 0; p < plan.pieces; ++p) {
+            const double* from = partial.get() + (n * plan.pieces + p) * v.c;
             for (int64_t c = 0; c < v.c; ++c) total[c] += from[c];
           }
         }
-      } else {  // NCHW, or one channel: a plane per (sample, channel), its sum accumulated in registers
+      } else {  // NCHW, or one channel: a plane per (sample, channel), the scale s[plane]
         constexpr int64_t kChunk = 4096;
         at::parallel_for(0, v.n * v.c, std::max<int64_t>(1, kGrainSize / std::max<int64_t>(v.s, 1)),
                          [&](int64_t begin, int64_t end) {
           for (int64_t plane = begin; plane < end; ++plane) {
-            const auto sv = IO::broadcast(s[plane]);
             double total = 0;
-            for (int64_t j0 = 0; j0 < v.s; j0 += kChunk) {
-              auto acc = IO::broadcast(0);
-              for (int64_t j = j0; j < std::min(v.s, j0 + kChunk); j += IO::kWidth) {
-                step(plane * v.s + j, std::min(IO::kWidth, v.s - j), sv, acc);
-              }
-              std::array<opmath_t, IO::kWidth> lanes;
-              IO::store_acc(lanes.data(), acc);
-              for (const auto l : lanes) total += l;
+            for (int64_t j = 0; j < v.s; j += kChunk) {
+              total += sum_segment<scalar_t, kIn, 1, 1, kOut>(plane * v.s + j, std::min(kChunk, v.s - j), plane,
+                                                               in, {s}, outputs, fn)[0];
             }
             sums[plane] = total;
           }
         });
       }
-    });
+    };
+    if (relu) {
+      reduce(std::array<const scalar_t*, 3>{gp, xp, outp}, std::array<scalar_t*, 2>{gpre, gxp},
+             [](const auto& in, const auto& p) {
+               const Acc g = Acc::blendv(Acc(0), in[0], in[2] > Acc(0));
+               return std::array<Acc, 3>{g * in[1], g, g * p[0]};
+             });
+    } else {
+      reduce(std::array<const scalar_t*, 2>{gp, xp}, std::array<scalar_t*, 1>{gxp},
+             [](const auto& in, const auto& p) { return std::array<Acc, 2>{in[0] * in[1], in[0] * p[0]}; });
+    }
   });
   at::Tensor grad_scale = at::empty({v.n, v.c}, scale.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_scale.scalar_type(), "scale_add_act_grad_scale", [&] {
