@@ -50,8 +50,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     x, scale, out = ctx.saved_tensors
     need_x, need_scale, need_residual = ctx.needs_input_grad[:3]
-    grad_x, grad_scale, grad_pre = op_of("resnet_fused::scale_add_act_backward")(
-        grad_out, out if ctx.relu else x, x, scale, ctx.relu)
+    grad_x, grad_scale, grad_pre = _BACKWARD_OP(grad_out, out if ctx.relu else x, x, scale, ctx.relu)
     return (grad_x if need_x else None, grad_scale if need_scale else None,
             (grad_pre if ctx.relu else grad_out) if need_residual else None, None)
 
@@ -61,6 +60,7 @@ def _no_double_backward(ctx, *grads):
 
 
 if library_loaded("_C"):
+    _BACKWARD_OP = op_of("resnet_fused::scale_add_act_backward")  # looked up once, not per backward
     torch.library.register_fake("resnet_fused::scale_add_act")(_fake)
     register_autograd("resnet_fused::scale_add_act", _backward, _setup_context, differentiable_once="scale_add_act")
     torch.library.register_fake("resnet_fused::scale_add_act_backward")(_fake_backward)
