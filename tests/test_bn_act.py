@@ -339,6 +339,32 @@ BAD_INPUTS = [
 ]
 
 
+# What a module's tensors can get wrong, through the C++ op the modules' training steps call below rf.bn_act's
+# Python checks (nn/fused.py, FusedModule._batch_norm): the cpu backend's op checks it again.
+CPU_OP_BAD_INPUTS = [
+    ("weight channels", lambda a: a.update(weight=a["weight"][:3]), RuntimeError, r"weight must have shape \[8\]"),
+    ("residual shape", lambda a: a.update(residual=a["residual"][:, :4]), RuntimeError, "residual must have x's shape"),
+    ("residual dtype", lambda a: a.update(residual=a["residual"].double()), TypeError, "residual has dtype Double"),
+    ("parameter dtypes differ", lambda a: a.update(bias=a["bias"].double()), TypeError, "must share one dtype"),
+    ("float64 parameters, float32 x", lambda a: a.update(**{k: a[k].double() for k in ("weight", "bias", "running_mean", "running_var")}),
+     TypeError, "the BN parameters have dtype Double but x has Float"),
+    ("one value per channel", lambda a: a.update(x=a["x"][:1, :, :1, :1], residual=None), ValueError,
+     "Expected more than 1 value per channel when training"),
+]
+
+
+@pytest.mark.parametrize("change,error,message", [b[1:] for b in CPU_OP_BAD_INPUTS], ids=[b[0] for b in CPU_OP_BAD_INPUTS])
+def test_cpu_op_checks_what_the_modules_do_not(change, error, message):
+    if "cpu" not in backends_for("bn_act", "cpu"):
+        pytest.skip("the C++ library is not loaded")
+    x, weight, bias, running_mean, running_var, residual = bn_sample(BNCase("bad", (2, 8, 3, 3)))
+    call_args = dict(x=x, weight=weight, bias=bias, residual=residual, running_mean=running_mean,
+                     running_var=running_var)
+    change(call_args)
+    with pytest.raises(error, match=message):
+        torch.ops.resnet_fused.bn_act_autograd.default(*call_args.values(), True, 0.1, 1e-5, True)
+
+
 @pytest.mark.parametrize("change,error,message", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input(change, error, message):
     x, weight, bias, running_mean, running_var, residual = bn_sample(BNCase("bad", (2, 8, 3, 3)))

@@ -191,6 +191,35 @@ def test_recomputing_ops_only_where_the_blocks_use_them(monkeypatch, backend, no
     assert calls == expected
 
 
+class ConvBNAddReLU(ConvBN):
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)) + x)
+
+
+@pytest.mark.parametrize("backend, public_calls", [("cpu", 0), ("reference", 1)])
+def test_training_step_calls_the_cpu_op_below_rf_bn_act(monkeypatch, backend, public_calls):
+    """In training on the cpu backend a step's BN runs the C++ op rf.bn_act would call, without rf.bn_act's Python
+    (its checks and backend choice cost microseconds per BN of a training step; the op checks the tensors itself);
+    on other backends through rf.bn_act. The same values either way."""
+    if backend == "cpu":
+        fused_backend()
+    calls = []
+    monkeypatch.setattr(fused_modules, "bn_act", lambda *args, **kwargs: calls.append(1) or rf.bn_act(*args, **kwargs))
+    original = randomize_bn(ConvBNAddReLU()).double()
+    fused = rf.fuse(original, backend=backend)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    assert_same_step(set_mode(fused, "train"), set_mode(original, "train"), x, steps=2)
+    assert len(calls) == 2 * public_calls
+
+
+def test_bn_converted_behind_the_step_raises():
+    """A BN converted on its own after fusing (its step is not told) gets the op's error, not a wrong answer."""
+    fused = rf.fuse(ConvBNAddReLU(), backend=fused_backend()).train()
+    fused.bn.double()
+    with pytest.raises(TypeError, match="the BN parameters have dtype Double but x has Float"):
+        fused(torch.randn(2, 4, 6, 6))
+
+
 def test_frozen_bn_in_a_training_graph_runs_the_plain_steps():
     """A BN in eval mode inside a training module (frozen BN fine-tuning) is not recomputed: its step runs it
     with its running statistics, then the next conv."""

@@ -39,22 +39,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act(
     const at::Tensor& running_var, bool training, double momentum, double eps, bool relu) {
   TORCH_CHECK(x_in.dim() == 4, "bn_act: x must be 4-D (N, C, H, W), got ", x_in.sizes());
   const int64_t channels = x_in.size(1);
-  check_per_channel("bn_act", weight, channels, "weight");
-  check_per_channel("bn_act", bias, channels, "bias");
-  check_per_channel("bn_act", running_mean, channels, "running_mean");
-  check_per_channel("bn_act", running_var, channels, "running_var");
+  // rf.bn_act's checks (resnet_fused/ops/bn_act.py), again: the modules' training steps and the recomputing ops
+  // call this op without them. The parameters share one dtype, x's or float32 for a 16-bit x.
+  const auto x_dtype = x_in.scalar_type(), param_dtype = weight.scalar_type();
+  const bool half_x = x_dtype == at::kHalf || x_dtype == at::kBFloat16;
+  TORCH_CHECK_TYPE(param_dtype == x_dtype || (param_dtype == at::kFloat && half_x),
+                   "bn_act: the BN parameters have dtype ", param_dtype, " but x has ", x_dtype,
+                   "; they must match, or be float32 for a float16/bfloat16 x");
+  for (const auto& [t, name] : {std::pair{&weight, "weight"}, {&bias, "bias"}, {&running_mean, "running_mean"},
+                                {&running_var, "running_var"}}) {
+    check_per_channel("bn_act", *t, channels, name);
+    TORCH_CHECK_TYPE(t->scalar_type() == param_dtype, "bn_act: weight, bias, running_mean and running_var must share "
+                     "one dtype, got ", name, " ", t->scalar_type(), " and weight ", param_dtype);
+  }
   const bool has_residual = residual.has_value() && residual->defined();
-  TORCH_CHECK(!has_residual || residual->sizes() == x_in.sizes(),
-              "bn_act: residual must have x's shape ", x_in.sizes(), ", got ", residual->sizes());
+  if (has_residual) {
+    TORCH_CHECK(residual->is_cpu(), "bn_act: residual is on ", residual->device(), " but x is on cpu");
+    TORCH_CHECK_TYPE(residual->scalar_type() == x_dtype, "bn_act: residual has dtype ", residual->scalar_type(),
+                     " but x has ", x_dtype);
+    TORCH_CHECK(residual->sizes() == x_in.sizes(), "bn_act: residual must have x's shape ", x_in.sizes(), ", got ",
+                residual->sizes());
+  }
 
   const auto format = output_memory_format(x_in);
   const at::Tensor x = x_in.contiguous(format);
   const at::Tensor r = has_residual ? residual->contiguous(format) : at::Tensor();
   const ChannelView view = ChannelView::of(x, format);
   const int64_t count = view.n * view.s;  // values per channel
-  TORCH_CHECK(!training || count != 1,
-              "bn_act: expected more than 1 value per channel when training, got input size ",
-              x_in.sizes());
+  TORCH_CHECK_VALUE(!training || count != 1,
+                    "Expected more than 1 value per channel when training, got input size ", x_in.sizes());
 
   const auto opmath = at::toOpMathType(x.scalar_type());
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Preserve);

@@ -9,8 +9,10 @@
 
 namespace resnet_fused::cpu {
 
-// `op: name must have shape [channels], got ...` unless t is 1-D with `channels` values.
+// `op: name must have shape [channels], got ...` unless t is a 1-D CPU tensor with `channels` values (the kernels
+// read it on the host; the modules call some ops without the Python checks, so these are the last ones).
 inline void check_per_channel(const char* op, const at::Tensor& t, int64_t channels, const char* name) {
+  TORCH_CHECK(t.is_cpu(), op, ": ", name, " is on ", t.device(), " but x is on cpu");
   TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, op, ": ", name, " must have shape [", channels, "], got ",
               t.sizes());
 }

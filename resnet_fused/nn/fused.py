@@ -20,7 +20,9 @@ mode on and a parameter that requires grad), so eval-mode gradients reach the co
 
 training (or a BN without running statistics): the conv (`conv_bn_act` with no bias, residual or ReLU),
 then `bn_act(training=True)`, which adds the residual, applies ReLU and updates the running statistics
-as nn.BatchNorm2d does (num_batches_tracked, momentum=None as a cumulative average). Inside a block, a
+as nn.BatchNorm2d does (num_batches_tracked, momentum=None as a cumulative average); on the cpu backend, in eager,
+the C++ op rf.bn_act calls there (bn_act_autograd), called directly: the op checks the module's tensors itself,
+and rf.bn_act's Python costs microseconds per BN of a training step. Inside a block, a
 BN + ReLU that feeds the next conv runs in that conv's op instead (`bn_relu_conv`), which saves the BN
 input rather than the ReLU output for the backward (one activation less per inner step); the ResNet stem's
 BN + ReLU runs in its max pool's op (`bn_relu_max_pool`) the same way. A block's last BN + ReLU, conv and BN
@@ -40,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..backends import has_kernel, resolve_backend, supports_dtype
 from ..ops import bn_act, conv_bn_act, conv_stats, fold_bn, max_pool2d
+from ..ops._eager_autograd import cpu_node_runs
 from ..ops._layout import output_memory_format
 from ..ops.conv_bn_act import conv_bn_act_into_residual, conv_output_shape, plain_conv
 from ..ops.conv_stats import bn_add_relu
@@ -118,6 +121,19 @@ def _trains(bn: nn.Module) -> bool:
     # nn.Module.__getattr__ costs a microsecond a call; a parametrized one is an attribute instead.
     buffers = bn._buffers
     return bn.training or (buffers["running_mean"] if "running_mean" in buffers else bn.running_mean) is None
+
+
+def _buffer(module: nn.Module, name: str):
+    """module.name for a buffer, from _buffers (nn.Module.__getattr__ costs a microsecond a call; a parametrized
+    module's attribute is a property instead, so not there)."""
+    buffers = module._buffers
+    return buffers[name] if name in buffers else getattr(module, name)
+
+
+def _parameter(module: nn.Module, name: str):
+    """module.name for a parameter, as _buffer."""
+    parameters = module._parameters
+    return parameters[name] if name in parameters else getattr(module, name)
 
 
 def _conv_args(conv: nn.Conv2d) -> dict:
@@ -372,40 +388,58 @@ class FusedModule(nn.Module):
         training with autograd on (not under torch.compile or a torch.func transform), on a fused backend (the
         reference backend stays plain PyTorch), every BN in `norms` training-mode, every conv in `next_convs`
         with numeric padding and no bias, a non-empty batch."""
-        return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if not (torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and not torch._C._are_functorch_transforms_active() and x.numel() > 0
-                and resolve_backend("bn_act", self.backend, x.device, compute_dtype(x)) != "reference"
-                and all(_trains(bn) for bn in norms)
-                and all(not isinstance(conv.padding, str) and conv.bias is None for conv in next_convs))
+                and resolve_backend("bn_act", self.backend, x.device, compute_dtype(x)) != "reference"):
+            return False
+        for bn in norms:  # loops, not all(...) over generators: those cost a microsecond each, every call
+            if not _trains(bn):
+                return False
+        for conv in next_convs:
+            if isinstance(conv.padding, str) or _parameter(conv, "bias") is not None:
+                return False
+        return True
 
     def _training_bn_args(self, bn: _BatchNorm) -> dict:
         """The BN arguments of a recomputed BN + ReLU op (bn_relu_conv, bn_relu_max_pool, bn_relu_conv_bn_act),
         after nn.BatchNorm2d's bookkeeping."""
         momentum, running_mean, running_var = self._bn_bookkeeping(bn)
-        return dict(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=running_mean, running_var=running_var,
-                    momentum=momentum, eps=bn.eps, backend=self.backend,
+        return dict(bn_weight=_parameter(bn, "weight"), bn_bias=_parameter(bn, "bias"), running_mean=running_mean,
+                    running_var=running_var, momentum=momentum, eps=bn.eps, backend=self.backend,
                     process_group=self.process_group if bn.training else None)  # as _batch_norm decides
 
     def _conv(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         """conv(x) alone, on the module's backend (see plain_conv), in the compute dtype."""
         dtype = compute_dtype(x)
-        return plain_conv(_cast(x, dtype), _cast(conv.weight, dtype), _cast(conv.bias, dtype), **_conv_args(conv),
+        weight, bias = _parameter(conv, "weight"), _parameter(conv, "bias")
+        return plain_conv(_cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), **_conv_args(conv),
                           backend=self.backend)
 
     def _bn_bookkeeping(self, bn: _BatchNorm):
         """nn.BatchNorm2d.forward's bookkeeping, line for line: (momentum, running_mean, running_var)."""
         momentum = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
+        num_batches_tracked = _buffer(bn, "num_batches_tracked")
+        if bn.training and bn.track_running_stats and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
             # momentum=None: a cumulative average; float() syncs with the device, as in nn.BatchNorm2d.
-            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        track = not bn.training or bn.track_running_stats
-        return momentum, bn.running_mean if track else None, bn.running_var if track else None
+            momentum = 1.0 / float(num_batches_tracked) if bn.momentum is None else bn.momentum
+        if bn.training and not bn.track_running_stats:
+            return momentum, None, None
+        return momentum, _buffer(bn, "running_mean"), _buffer(bn, "running_var")
 
     def _batch_norm(self, y, bn: _BatchNorm, residual, relu: bool) -> torch.Tensor:
+        """act(bn(y) + residual) with batch statistics (bn_act, training=True), after bn's bookkeeping."""
         momentum, running_mean, running_var = self._bn_bookkeeping(bn)
+        weight, bias = _parameter(bn, "weight"), _parameter(bn, "bias")
+        if (weight is not None and bias is not None and (self.process_group is None or not bn.training)
+                and cpu_node_runs(y, self.backend, "bn_act")):
+            # What rf.bn_act calls on the cpu backend, without its Python checks (microseconds a call, one call per
+            # BN of a training step): the C++ op checks what a module's tensors can get wrong (their shapes, dtypes
+            # and devices against y's) and raises as rf.bn_act would.
+            return torch.ops.resnet_fused.bn_act_autograd.default(y, weight, bias, residual, running_mean, running_var,
+                                                                  True, float(momentum), float(bn.eps), relu)
         extra = {"process_group": self.process_group} if self.process_group is not None and bn.training else {}
-        return bn_act(y, bn.weight, bn.bias, running_mean, running_var, residual, training=True, momentum=momentum,
+        return bn_act(y, weight, bias, running_mean, running_var, residual, training=True, momentum=momentum,
                       eps=bn.eps, relu=relu, backend=self.backend, **extra)
 
     def _folded(self, key: str, conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype):

@@ -14,11 +14,25 @@ from collections.abc import Callable
 
 import torch
 
+from ..backends import resolve_backend
 from ._no_double_backward import differentiable_once as _differentiable_once
 
 # A context in which op calls skip the autograd dispatch keys (and so the torch.library wrappers), for callers
 # that differentiate the ops themselves; also used by recomputed_bn_relu.py.
 below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
+def cpu_node_runs(x: torch.Tensor, backend: str | None, *ops: str) -> bool:
+    """Whether a call on x may take an op whose autograd node is C++ (bn_act_autograd, conv_training, the recomputing
+    ops) and skip the Python around it: in eager (torch.compile and torch.export trace the Python functions and the
+    formulas registered for the ops; a torch.func transform takes no C++ node) and with each of `ops` resolving to
+    the cpu backend."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch._C._are_functorch_transforms_active():
+        return False
+    for op in ops:
+        if resolve_backend(op, backend, x.device, x.dtype) != "cpu":
+            return False
+    return True
 
 
 # Per op overload (torch.ops.namespace.name.default): its eager caller.

@@ -73,9 +73,7 @@ def plain_conv(x, weight, bias, *, stride, padding, dilation, groups, backend):
                 and not torch.compiler.is_exporting() and not torch._C._are_functorch_transforms_active()):
             # The same convolution with a C++ autograd node whose backward takes the weight gradient over a small
             # output plane as one matmul (csrc/conv_weight_grad.h: up to 4x faster there than ATen's).
-            return torch.ops.resnet_fused.conv_training.default(x, weight, pair(stride, "stride", 1),
-                                                                pair(padding, "padding", 0),
-                                                                pair(dilation, "dilation", 1), groups)
+            return torch.ops.resnet_fused.conv_training.default(x, weight, stride, padding, dilation, groups)
         out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return out.contiguous(memory_format=output_memory_format(x))
     return conv_bn_act(x, weight, bias, None, stride=stride, padding=padding, dilation=dilation, groups=groups,

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import resolve_backend
-from ._eager_autograd import below_autograd
+from ._eager_autograd import below_autograd, cpu_node_runs
 from ._layout import dense, output_memory_format
 from ._no_double_backward import differentiable_once
 from .bn_act import backend_ops
@@ -243,9 +243,7 @@ def _runs_in_cpp(x, process_group, backend) -> bool:
     node instead of BNReLUThen's Python one): on the cpu backend in eager, without synchronized statistics. The
     other backends' convolutions and synchronized BN are Python (plain_conv, sync_bn.py), and under torch.compile
     the Python function is what the compiler traces."""
-    return (process_group is None and not torch.compiler.is_compiling()
-            and resolve_backend("bn_act", backend, x.device, x.dtype) == "cpu"
-            and resolve_backend("conv_bn_act", backend, x.device, x.dtype) == "cpu")
+    return process_group is None and cpu_node_runs(x, backend, "bn_act", "conv_bn_act")
 
 
 def bn_relu_then(x, bn_weight, bn_bias, running_mean, running_var, then, *next_tensors, momentum, eps,
