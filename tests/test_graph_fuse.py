@@ -220,6 +220,38 @@ def test_bn_converted_behind_the_step_raises():
         fused(torch.randn(2, 4, 6, 6))
 
 
+class PreActivationAdd(ConvBN):
+    """BN -> + other -> ReLU on the module's input (no conv before the BN), the other a conv output (in the autocast
+    dtype under autocast) or the input scaled (float32)."""
+
+    def __init__(self, other: str):
+        super().__init__()
+        self.other = other
+
+    def forward(self, x):
+        other = self.conv(x) if self.other == "conv" else x * 2
+        return F.relu(self.bn(x) + other)
+
+
+@pytest.mark.parametrize("other", ["conv", "scaled input"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bn_alone_under_autocast_takes_a_residual_of_another_dtype(mode, other):
+    """A BN without a conv before it runs in its input's dtype under autocast (float32 here), as PyTorch's does; a
+    residual in another dtype is cast to it (it used to be cast to the autocast dtype, and the op refused the mix)."""
+    torch.manual_seed(0)
+    original = randomize_bn(PreActivationAdd(other))
+    fused, report = rf.fuse(original, report=True)
+    assert report.notes[mode] == {"bn": "fused (bn+add+relu)"}
+    x = torch.randn(2, 4, 6, 6)
+    for model in (fused, original):
+        set_mode(model, mode)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = fused(x), original(x)
+    assert out.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.state_dict(), original.state_dict(), rtol=1e-4, atol=1e-4)
+
+
 def test_frozen_bn_in_a_training_graph_runs_the_plain_steps():
     """A BN in eval mode inside a training module (frozen BN fine-tuning) is not recomputed: its step runs it
     with its running statistics, then the next conv."""

@@ -80,12 +80,15 @@ class GraphFusedStep(FusedModule):
         return self._conv_bn("conv", x, conv, bn, residual, relu)
 
     def _norm(self, x: torch.Tensor, bn: nn.Module, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
-        """act(bn(x) + residual), with bn in the state it is in; a residual of another shape added outside the op."""
+        """act(bn(x) + residual), with bn in the state it is in; a residual of another shape added outside the op,
+        one of another dtype cast to x's: a BN runs in its input's dtype (under autocast too), as the conv steps
+        cast theirs to the conv output's."""
         if residual is not None and residual.shape != x.shape:
             y = self._norm(x, bn, None, relu=False) + residual
             return torch.relu(y) if relu else y
+        residual = _cast(residual, x.dtype)
         if _trains(bn):
-            return self._batch_norm(x, bn, _cast(residual, compute_dtype(x)), relu)
+            return self._batch_norm(x, bn, residual, relu)
         return bn_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, residual, training=False,
                       eps=bn.eps, relu=relu, backend=self.backend)
 
