@@ -29,6 +29,12 @@ def _conv_output_shape(x_shape, conv: nn.Conv2d) -> tuple:
     return tuple(conv_output_shape(x_shape, conv.weight.shape, conv.stride, padding, conv.dilation))
 
 
+def _add_outside(y: torch.Tensor, residual: torch.Tensor, relu: bool) -> torch.Tensor:
+    """act(y + residual) as PyTorch computes it, for a residual the fused op cannot take (a broadcasting one)."""
+    y = y + residual
+    return torch.relu(y) if relu else y
+
+
 def sync_group(norms):
     """The group a SyncBatchNorm among `norms` synchronizes across (its own, else the default one), or None."""
     for norm in norms:
@@ -71,12 +77,10 @@ class GraphFusedStep(FusedModule):
             # costs microseconds of Python a call, and a training step makes one call per BN.
             y = self._conv(x, conv)
             if residual is not None and residual.shape != y.shape:
-                y = self._batch_norm(y, bn, None, relu=False) + residual
-                return torch.relu(y) if relu else y
+                return _add_outside(self._batch_norm(y, bn, None, relu=False), residual, relu)
             return self._batch_norm(y, bn, _cast(residual, y.dtype), relu)
         if residual is not None and tuple(residual.shape) != _conv_output_shape(x.shape, conv):
-            y = self._conv_bn("conv", x, conv, bn, None, relu=False) + residual
-            return torch.relu(y) if relu else y
+            return _add_outside(self._conv_bn("conv", x, conv, bn, None, relu=False), residual, relu)
         return self._conv_bn("conv", x, conv, bn, residual, relu)
 
     def _norm(self, x: torch.Tensor, bn: nn.Module, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
@@ -84,8 +88,7 @@ class GraphFusedStep(FusedModule):
         one of another dtype cast to x's: a BN runs in its input's dtype (under autocast too), as the conv steps
         cast theirs to the conv output's."""
         if residual is not None and residual.shape != x.shape:
-            y = self._norm(x, bn, None, relu=False) + residual
-            return torch.relu(y) if relu else y
+            return _add_outside(self._norm(x, bn, None, relu=False), residual, relu)
         residual = _cast(residual, x.dtype)
         if _trains(bn):
             return self._batch_norm(x, bn, residual, relu)

@@ -113,16 +113,6 @@ def _onednn_runs(x: torch.Tensor, conv: nn.Conv2d) -> bool:
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
-def _trains(bn: nn.Module) -> bool:
-    """Whether bn normalizes with batch statistics: training, or no running statistics to use."""
-    if not isinstance(bn, _BatchNorm):
-        return False
-    # From _buffers, where a _BatchNorm registers running_mean (None without running statistics), as
-    # nn.Module.__getattr__ costs a microsecond a call; a parametrized one is an attribute instead.
-    buffers = bn._buffers
-    return bn.training or (buffers["running_mean"] if "running_mean" in buffers else bn.running_mean) is None
-
-
 def _buffer(module: nn.Module, name: str):
     """module.name for a buffer, from _buffers (nn.Module.__getattr__ costs a microsecond a call; a parametrized
     module's attribute is a property instead, so not there)."""
@@ -134,6 +124,12 @@ def _parameter(module: nn.Module, name: str):
     """module.name for a parameter, as _buffer."""
     parameters = module._parameters
     return parameters[name] if name in parameters else getattr(module, name)
+
+
+def _trains(bn: nn.Module) -> bool:
+    """Whether bn normalizes with batch statistics: training, or no running statistics to use (a _BatchNorm
+    registers running_mean as None then)."""
+    return isinstance(bn, _BatchNorm) and (bn.training or _buffer(bn, "running_mean") is None)
 
 
 def _conv_args(conv: nn.Conv2d) -> dict:
