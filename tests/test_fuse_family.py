@@ -1,12 +1,14 @@
 """rf.fuse on every model of the family table (resnet_fused.family): at least 95% of the BatchNorm layers
 fused in both modes; the eval output and a training step (output, every gradient, running statistics,
 num_batches_tracked) equal the unfused model's, in float64 up to rounding and in float32 within twice
-PyTorch's own float32 error against float64; the activations the graph-fused models keep for the backward.
-Small inputs (two 64x64 images) keep this to a few seconds per model."""
+PyTorch's own float32 error against float64; the activations the graph-fused models keep for the backward;
+torch.compile(fullgraph=True) and torch.export of the fused eval model; state_dict round trips between fused
+and unfused models, fusing twice, and inplace=False leaving the user's model untouched. Small inputs (two 64x64 images) keep this to a few seconds per model."""
 import copy
 
 import pytest
 import torch
+from test_graph_fuse import assert_same
 from test_nn import assert_same_step, randomize_bn, run_step, set_mode
 from test_recomputed_bn_relu import saved_bytes
 
@@ -147,3 +149,51 @@ def test_family_export_eval(name):
     with torch.no_grad():
         _assert_parity(exported.module()(x), original(x), set_mode(build(name), "eval")(x.double()),
                        "exported eval output")
+
+
+@pytest.mark.parametrize("name", family.MODELS)
+def test_family_compile_fullgraph_eval(name):
+    """torch.compile(fullgraph=True) of the fused eval model: one graph (no break in the fused steps), the eager
+    fused model's output."""
+    original = set_mode(build(name, torch.float32), "eval")
+    fused = rf.fuse(original)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _assert_parity(compiled(x), original(x), set_mode(build(name), "eval")(x.double()), "compiled eval output")
+
+
+def _module_state(model):
+    """Each module's name, class and attribute names, and each parameter and buffer (the tensor object itself)."""
+    return ([(name, type(m), sorted(m.__dict__)) for name, m in model.named_modules()],
+            [(name, id(t)) for name, t in [*model.named_parameters(), *model.named_buffers()]])
+
+
+@pytest.mark.parametrize("name", family.MODELS)
+def test_family_state_dict_round_trip_fusing_twice_and_inplace(name):
+    original = build(name)
+    before, values = _module_state(original), copy.deepcopy(original.state_dict())
+    fused, report = rf.fuse(original, report=True)
+    # inplace=False (the default): the user's model is left as it was, its tensors included.
+    assert _module_state(original) == before
+    torch.testing.assert_close(original.state_dict(), values, rtol=0, atol=0)
+    # Fusing a fused model again changes nothing; inplace=True returns it.
+    twice, report_twice = rf.fuse(fused, report=True)
+    assert report_twice.notes == report.notes
+    assert [(n, type(m)) for n, m in twice.named_modules()] == [(n, type(m)) for n, m in fused.named_modules()]
+    assert rf.fuse(fused, inplace=True) is fused
+    # state_dict round trip: new values written into the fused model, loaded into an unfused one, then into a
+    # freshly fused one; all three compute the same (eval, and training with its running statistics).
+    randomize_bn(fused)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.mul_(1.25)
+    unfused = build(name)
+    unfused.load_state_dict(fused.state_dict())
+    again = rf.fuse(build(name))
+    again.load_state_dict(unfused.state_dict())
+    x = torch.randn(X_SHAPE, dtype=torch.float64)
+    assert_same(again, copy.deepcopy(unfused), x)
+    assert_same(fused, unfused, x)
+    assert_same(twice, original, x)

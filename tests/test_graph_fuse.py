@@ -1,6 +1,8 @@
 """The graph pass of rf.fuse (resnet_fused.graph_fuse): what it fuses, what it must leave alone (and says
-why), the recomputing ops it runs in training (and where it must not), and the model-level guarantees:
-state_dict round trips, fusing twice, inplace=False, both modes, torch.compile and torch.export."""
+why), the recomputing ops it runs in training (and where it must not), and the model-level guarantees on
+small graphs and single models: both modes, torch.compile in training, pickling, deep copies. The guarantees
+over every model of the family table (state_dict round trips, fusing twice, inplace=False, torch.compile and
+torch.export in eval) are in test_fuse_family.py."""
 import copy
 
 import pytest
@@ -528,33 +530,6 @@ def test_model_keeps_class_methods_and_state_dict():
         torch.testing.assert_close(fused.forward_features(x), original.forward_features(x), rtol=1e-9, atol=1e-9)
 
 
-def test_state_dict_round_trips():
-    torch.manual_seed(0)
-    original = family.build("timm/skresnet18", num_classes=10).double()
-    fused = rf.fuse(original)
-    randomize_bn(fused)  # new values, written into the fused model...
-    unfused = family.build("timm/skresnet18", num_classes=10).double()
-    unfused.load_state_dict(fused.state_dict())  # ...load into an unfused one,
-    again = rf.fuse(family.build("timm/skresnet18", num_classes=10)).double()
-    again.load_state_dict(unfused.state_dict())  # and back into a fused one
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    assert_same(again, copy.deepcopy(unfused), x)
-    assert_same(fused, unfused, x)
-
-
-def test_fusing_twice_changes_nothing_and_inplace_false_copies():
-    original = randomize_bn(family.build("timm/resnetv2_50", num_classes=10)).double()
-    before = {name: (type(m), sorted(m.__dict__)) for name, m in original.named_modules()}
-    fused, report = rf.fuse(original, report=True)
-    assert {name: (type(m), sorted(m.__dict__)) for name, m in original.named_modules()} == before
-    assert not steps(original)
-    twice, report_twice = rf.fuse(fused, report=True)
-    assert report_twice.notes == report.notes
-    assert [(n, type(m)) for n, m in twice.named_modules()] == [(n, type(m)) for n, m in fused.named_modules()]
-    assert rf.fuse(fused, inplace=True) is fused
-    assert_same(twice, original, torch.randn(2, 3, 64, 64, dtype=torch.float64))
-
-
 def test_deepcopy_and_conversions_keep_steps_on_their_own_modules():
     original = randomize_bn(family.build("timm/ecaresnet50d", num_classes=10))
     fused = rf.fuse(original)
@@ -567,9 +542,9 @@ def test_deepcopy_and_conversions_keep_steps_on_their_own_modules():
     assert_same(copied, original.double(), torch.randn(2, 3, 64, 64, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("mode", ["eval", "train"])
-def test_compile_fullgraph(mode):
-    original = set_mode(randomize_bn(family.build("timm/skresnet18", num_classes=10)), mode)
+def test_compile_fullgraph_training():
+    """In training (eval: every family model, test_fuse_family.py), running statistics updated as eager's."""
+    original = set_mode(randomize_bn(family.build("timm/skresnet18", num_classes=10)), "train")
     fused = rf.fuse(original)
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, 64, 64)
