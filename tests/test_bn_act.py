@@ -47,12 +47,14 @@ def test_gradient_parity(case, backend, memory_format, training, device):
     check_gradient_parity(case, backend, memory_format, training, device)
 
 
+@pytest.mark.parametrize("shape", [(2, 1031, 2, 2), (4, 1031, 10, 10)], ids=["one-piece", "pieces-of-64-rows"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
-def test_cpu_gradient_parity_wide_rows(dtypes, training):
+def test_cpu_gradient_parity_wide_rows(dtypes, training, shape):
     """1031 NHWC channels: the backward's reduction that also writes (the ReLU-masked gradient) sweeps rows whose
-    sums pass 4 KB a block of channels at a time; narrower ones (wide_131ch above) row by row."""
-    check_gradient_parity(BNCase("wide_1031ch", (2, 1031, 2, 2)), "cpu", "nhwc", training, "cpu", dtypes)
+    sums pass 4 KB a block of channels at a time; narrower ones (wide_131ch above) row by row. Over 400 rows the
+    reductions split them into pieces of at least 64 rows (ReductionPlan in csrc/cpu/loops.h), each of two chunks."""
+    check_gradient_parity(BNCase("wide_1031ch", shape), "cpu", "nhwc", training, "cpu", dtypes)
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
@@ -267,8 +269,9 @@ def test_residual_gradient_without_relu_is_grad_out(backend, training, device):
         assert (grad_residual.data_ptr() == grad_out.data_ptr()) == (not case.relu), case.name
 
 
-@pytest.mark.parametrize("shape, memory_format", [((4, 131, 33, 33), "nhwc"), ((2, 3, 70, 70), "nchw")],
-                         ids=["nhwc-pieces-and-chunks", "nchw-chunks"])
+@pytest.mark.parametrize("shape, memory_format",
+                         [((4, 131, 33, 33), "nhwc"), ((4, 1031, 10, 10), "nhwc"), ((2, 3, 70, 70), "nchw")],
+                         ids=["nhwc-pieces-and-chunks", "nhwc-wide-rows-pieces-of-64-rows", "nchw-chunks"])
 def test_cpu_statistics_accurate_far_from_zero(shape, memory_format):
     """A mean 1e4 times the spread, over several chunks and pieces of the CPU reduction: fp32
     E[x^2] - E[x]^2 loses everything, the per-chunk centred sums merged with Chan's formula do not."""

@@ -157,25 +157,35 @@ C10_ALWAYS_INLINE std::array<typename IO::Pack, kOut> apply_vector(const Fn& fn,
 // The pointer arrays are taken by value, here and in the sweeps below: at::vec's vector types may alias anything,
 // so with arrays held by reference every store made the compiler reload each pointer (perf annotate of
 // bn_act_backward's apply pass: the pointer loads and stack spills were its hottest instructions).
+// The whole vectors and the tail are separate loops, n a compile-time kWidth in the first: with one loop testing
+// n < kWidth on every vector (for the partial loads and stores), the loop's compares, jumps and address
+// arithmetic were its hottest instructions in perf annotate (bn_act_backward's apply over 8x512x28x28 NHWC), ahead
+// of its loads.
 template <typename scalar_t, int kIn, int kParams, int kResults, typename Fn, typename Visit>
 void sweep_segment(int64_t offset, int64_t count, int64_t channel, std::array<const scalar_t*, kIn> in,
                    std::array<const at::opmath_type<scalar_t>*, kParams> params, const Fn& fn,
                    const Visit& visit) {
   using IO = VecIO<scalar_t>;
-  std::array<typename IO::Pack, kParams> p;
-  if (channel >= 0) {
-    for (int k = 0; k < kParams; ++k) p[k] = IO::broadcast(params[k][channel]);
-  }
-  for (int64_t j = 0; j < count; j += IO::kWidth) {
-    const int64_t n = std::min(IO::kWidth, count - j);
-    if (channel < 0) {
-      for (int k = 0; k < kParams; ++k) p[k] = IO::load_acc(params[k] + j, n);
+  auto sweep = [&](auto per_element_params) {
+    constexpr bool kLoadParams = decltype(per_element_params)::value;
+    std::array<typename IO::Pack, kParams> p;
+    if constexpr (!kLoadParams) {
+      for (int k = 0; k < kParams; ++k) p[k] = IO::broadcast(params[k][channel]);
     }
-    std::array<typename IO::Pack, kIn> x;
-    for (int i = 0; i < kIn; ++i) x[i] = IO::load(in[i] + offset + j, n);
-    std::array<typename IO::Pack, 0> no_sums;
-    visit(j, n, apply_vector<IO, 0, kResults>(fn, x, p, no_sums));
-  }
+    auto vector_at = [&](int64_t j, auto lanes) {
+      if constexpr (kLoadParams) {
+        for (int k = 0; k < kParams; ++k) p[k] = IO::load_acc(params[k] + j, lanes);
+      }
+      std::array<typename IO::Pack, kIn> x;
+      for (int i = 0; i < kIn; ++i) x[i] = IO::load(in[i] + offset + j, lanes);
+      std::array<typename IO::Pack, 0> no_sums;
+      visit(j, lanes, apply_vector<IO, 0, kResults>(fn, x, p, no_sums));
+    };
+    const int64_t whole = count - count % IO::kWidth;
+    for (int64_t j = 0; j < whole; j += IO::kWidth) vector_at(j, std::integral_constant<int64_t, IO::kWidth>{});
+    if (whole < count) vector_at(whole, count - whole);
+  };
+  with_flag(channel < 0, sweep);
 }
 
 // Rows of an NHWC chunk: its values stay in L2 between the passes over it (at most 256 KB of float), the
@@ -335,13 +345,21 @@ void map_per_channel(const ChannelView& v, const std::array<const scalar_t*, kIn
 // or pieces of NCHW planes), each swept in storage order by one thread, their partial results combined in
 // a fixed order. So results do not depend on the thread count.
 struct ReductionPlan {
+  // NHWC pieces of at least kPieceRows rows, where the tensor still makes kMinPieces of them: each piece leaves a
+  // row of partial results (two or three doubles a channel) that is cleared, written and merged, and the per-chunk
+  // work over the channels. Over 16-row pieces of 2048 channels (ResNet-50's layer4 at batch 8) that was as many
+  // bytes again as a third of the data (perf of the forward on 8x2048x7x7: 4% in the clearing memset alone).
+  static constexpr int64_t kPieceRows = 64;
+  static constexpr int64_t kMinPieces = 4;
+
   int64_t pieces;      // NHWC: row ranges; NCHW: pieces per plane
   int64_t piece_size;  // NHWC: rows per piece; NCHW: elements per plane piece
 
   static ReductionPlan of(const ChannelView& v) {
     if (v.channels_last()) {
       const int64_t rows = v.n * v.s;
-      const int64_t pieces = std::clamp<int64_t>(rows * v.c / kGrainSize, 1, 64);
+      const int64_t by_size = std::clamp<int64_t>(rows * v.c / kGrainSize, 1, 64);
+      const int64_t pieces = std::min(by_size, std::max(rows / kPieceRows, kMinPieces));
       return {pieces, (rows + pieces - 1) / pieces};
     }
     const int64_t pieces = std::max<int64_t>(1, (v.s + kGrainSize - 1) / kGrainSize);
@@ -460,11 +478,11 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
   using opmath_t = typename IO::opmath_t;
   const ReductionPlan plan = ReductionPlan::of(v);
   const int64_t units = plan.units(v);
-  // Per unit and slot: (count, mean, M2); NCHW units hold one channel each.
+  // Per unit and slot: (mean, M2); NCHW units hold one channel each. Per unit: the count (every channel of an NHWC
+  // row range has the same).
   const int64_t slots = ReductionPlan::slots(v);
   // Set by each unit as it starts: units x C values are not cleared by one thread.
-  std::unique_ptr<double[]> count(new double[units * slots]), mean(new double[units * slots]),
-      m2(new double[units * slots]);
+  std::unique_ptr<double[]> count(new double[units]), mean(new double[units * slots]), m2(new double[units * slots]);
 
   // The terms summed: x - shift (the chunk's sum), then (x - centre)^2 about its mean (the chunk's M2).
   auto deviations = [](const auto& in, const auto& p) { return std::array<Acc, 1>{in[0] - p[0]}; };
@@ -507,7 +525,7 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
           }
           n_u = total;
         }
-        std::fill_n(count.get() + unit * slots, slots, n_u);
+        count[unit] = n_u;
       }
     } else {
       constexpr int64_t kChunk = 4096;
@@ -544,7 +562,7 @@ Moments moments_per_channel(const ChannelView& v, const scalar_t* x) {
     at::parallel_for(0, v.c, merge_grain(2 * units), [&](int64_t c0, int64_t c1) {
       double n = 0;
       for (int64_t unit = 0; unit < units; ++unit) {
-        const double nb = count[unit * slots];
+        const double nb = count[unit];
         if (nb == 0) continue;
         const double sum = n + nb, weight = nb / sum, cross = n * nb / sum;
         const double* mean_u = mean.get() + unit * slots;
