@@ -3,7 +3,8 @@ fused in both modes; the eval output and a training step (output, every gradient
 num_batches_tracked) equal the unfused model's, in float64 up to rounding and in float32 within twice
 PyTorch's own float32 error against float64; the activations the graph-fused models keep for the backward;
 torch.compile(fullgraph=True) and torch.export of the fused eval model; state_dict round trips between fused
-and unfused models, fusing twice, and inplace=False leaving the user's model untouched. Small inputs (two 64x64 images) keep this to a few seconds per model."""
+and unfused models, fusing twice, and inplace=False leaving the user's model untouched. Small inputs (two
+64x64 images) keep this to a few seconds per model."""
 import copy
 
 import pytest
@@ -153,8 +154,8 @@ def test_family_export_eval(name):
 
 @pytest.mark.parametrize("name", family.MODELS)
 def test_family_compile_fullgraph_eval(name):
-    """torch.compile(fullgraph=True) of the fused eval model: one graph (no break in the fused steps), the eager
-    fused model's output."""
+    """torch.compile(fullgraph=True) of the fused eval model: one graph (no break in the fused steps), its output
+    within PyTorch's own float32 error of the float64 model's."""
     original = set_mode(build(name, torch.float32), "eval")
     fused = rf.fuse(original)
     torch._dynamo.reset()
