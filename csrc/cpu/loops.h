@@ -346,9 +346,10 @@ void map_per_channel(const ChannelView& v, const std::array<const scalar_t*, kIn
 // a fixed order. So results do not depend on the thread count.
 struct ReductionPlan {
   // NHWC pieces of at least kPieceRows rows, where the tensor still makes kMinPieces of them: each piece leaves a
-  // row of partial results (two or three doubles a channel) that is cleared, written and merged, and the per-chunk
-  // work over the channels. Over 16-row pieces of 2048 channels (ResNet-50's layer4 at batch 8) those partials came
-  // to a third of the data's bytes (perf of the forward on 8x2048x7x7: 4% of it in the memset clearing them).
+  // row of partial results (two doubles a channel: the sums, or the mean and M2) that is cleared, written and
+  // merged, and the per-chunk work over the channels. Over 16-row pieces of 2048 channels (ResNet-50's layer4 at
+  // batch 8) those partials came to a third of the data's bytes (perf of the forward on 8x2048x7x7: 4% of it in the
+  // memset clearing them).
   static constexpr int64_t kPieceRows = 64;
   static constexpr int64_t kMinPieces = 4;
 
